@@ -1,0 +1,26 @@
+"""Compute kernels: each op has a readable `<op>_ref` and a dispatcher that picks by device."""
+
+from msa_cluster.kernels.attention import gathered_attention, gathered_attention_ref
+from msa_cluster.kernels.pooling import chunk_mean, chunk_mean_ref, num_chunks
+from msa_cluster.kernels.routing import (
+    doc_scores,
+    doc_scores_ref,
+    merge_top_k,
+    normalize_heads,
+    prepare_queries,
+    select_top_k,
+)
+
+__all__ = [
+    "chunk_mean",
+    "chunk_mean_ref",
+    "doc_scores",
+    "doc_scores_ref",
+    "gathered_attention",
+    "gathered_attention_ref",
+    "merge_top_k",
+    "normalize_heads",
+    "num_chunks",
+    "prepare_queries",
+    "select_top_k",
+]

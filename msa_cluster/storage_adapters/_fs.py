@@ -1,0 +1,234 @@
+"""The few filesystem operations the store needs, over fsspec, with atomic create-if-absent.
+
+Atomic create-if-absent (the manifest's compare-and-swap) per protocol:
+  local    write a temp file, fsync, then `os.link` it to the final name: link fails if the name
+           exists, and a crash before the link leaves only a temp file.
+  s3       one PutObject with `If-None-Match: *` (s3fs `pipe_file(mode="create")`): S3 answers 412
+           if the key exists; a single-object PUT is all-or-nothing.
+  memory   the memory filesystem lives in this process: a process-wide lock around
+           check-then-write makes it atomic between threads.
+  other    `pipe_file(mode="create")`; whether that is atomic is up to the fsspec implementation,
+           so a warning is logged once per protocol.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import mmap
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+__all__ = ["StoreFS", "FileStat"]
+
+log = logging.getLogger(__name__)
+
+_MEMORY_LOCK = threading.Lock()
+_WARNED_PROTOCOLS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class FileStat:
+    name: str  # relative to the listed directory
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def _as_epoch(value: Any) -> float:
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    return float(value)
+
+
+class StoreFS:
+    """A store root on one fsspec filesystem; every path argument is relative to the root."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"store url must be a non-empty string, got {url!r}")
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.fs = fs
+        self.url = url
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "file" in protocols or "local" in protocols:
+            self.kind = "local"
+            root = os.path.abspath(root)
+        elif "memory" in protocols:
+            self.kind = "memory"
+        elif "s3" in protocols or "s3a" in protocols:
+            self.kind = "s3"
+        else:
+            self.kind = "other"
+            if protocols[0] not in _WARNED_PROTOCOLS:
+                _WARNED_PROTOCOLS.add(protocols[0])
+                log.warning(
+                    "protocol %r: manifest commits rely on pipe_file(mode='create') being atomic there; "
+                    "concurrent writers are only safe if it is",
+                    protocols[0],
+                )
+        self.root = root.rstrip("/") or "/"
+
+    # ---------------------------------------------------------------- paths
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def display(self, rel: str) -> str:
+        """The file's full URL, for error messages."""
+        base = self.url.rstrip("/")
+        return f"{base}/{rel}" if rel else base
+
+    # ---------------------------------------------------------------- reads
+    def read(self, rel: str) -> bytes:
+        if self.kind == "local":
+            with open(self.path(rel), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path(rel))
+
+    def read_range(self, rel: str, start: int, length: int) -> bytearray:
+        """Bytes [start, start + length) as a private writable buffer (short if the file is)."""
+        if length <= 0:
+            return bytearray()
+        if self.kind == "local":
+            buf = bytearray(length)
+            with open(self.path(rel), "rb") as f:
+                n = os.preadv(f.fileno(), [buf], start)
+            del buf[n:]
+            return buf
+        return bytearray(self.fs.cat_file(self.path(rel), start=start, end=start + length))
+
+    def map(self, rel: str) -> Any:
+        """The whole file as a writable buffer: a private copy-on-write mmap for local files.
+
+        The mmap is never closed explicitly: tensors made with `torch.frombuffer` keep a reference
+        to it but no buffer export, so closing it would leave them dangling. GC unmaps it.
+        """
+        if self.kind == "local":
+            with open(self.path(rel), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return bytearray()
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return bytearray(self.fs.cat_file(self.path(rel)))
+
+    def size(self, rel: str) -> int:
+        if self.kind == "local":
+            return os.stat(self.path(rel)).st_size
+        return int(self.fs.info(self.path(rel))["size"])
+
+    def exists(self, rel: str) -> bool:
+        if self.kind == "local":
+            return os.path.exists(self.path(rel))
+        return bool(self.fs.exists(self.path(rel)))
+
+    def list(self, rel_dir: str) -> list[FileStat]:
+        """Files directly under `rel_dir` (an absent directory is empty), fresh, not cached."""
+        full = self.path(rel_dir)
+        if self.kind == "local":
+            try:
+                entries = list(os.scandir(full))
+            except FileNotFoundError:
+                return []
+            out = []
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append(FileStat(e.name, st.st_size, st.st_mtime))
+            return out
+        self.fs.invalidate_cache(full)
+        try:
+            infos = self.fs.ls(full, detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for info in infos:
+            if info.get("type") != "file":
+                continue
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            out.append(FileStat(name, int(info.get("size") or 0), self._mtime(info)))
+        return out
+
+    def _mtime(self, info: dict) -> float:
+        for key in ("mtime", "LastModified", "last_modified", "created", "updated"):
+            if info.get(key) is not None:
+                return _as_epoch(info[key])
+        return _as_epoch(self.fs.modified(info["name"]))
+
+    # ---------------------------------------------------------------- writes
+    def write(self, rel: str, data: Any) -> None:
+        """Write a whole file; on local disk it is fsynced before this returns."""
+        full = self.path(rel)
+        if self.kind == "local":
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        if self.kind == "memory":
+            data = bytes(data)  # the memory fs keeps the object: never alias a caller's buffer
+        self.fs.pipe_file(full, data)
+
+    def sync_dir(self, rel_dir: str) -> None:
+        """Make new names in a local directory durable; a no-op elsewhere."""
+        if self.kind != "local":
+            return
+        fd = os.open(self.path(rel_dir), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create the file with `data` only if it does not exist; False if it did. Atomic."""
+        full = self.path(rel)
+        if self.kind == "local":
+            return self._create_exclusive_local(rel, full, data)
+        if self.kind == "memory":
+            with _MEMORY_LOCK:
+                if self.fs.exists(full):
+                    return False
+                self.fs.pipe_file(full, bytes(data))
+                return True
+        try:
+            self.fs.pipe_file(full, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _create_exclusive_local(self, rel: str, full: str, data: bytes) -> bool:
+        directory = os.path.dirname(full)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, full)
+            except FileExistsError:
+                return False
+        finally:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+        self.sync_dir(os.path.dirname(rel))
+        return True
+
+    def delete(self, rel: str) -> bool:
+        """Delete a file; False if it was already gone."""
+        try:
+            if self.kind == "local":
+                os.remove(self.path(rel))
+            else:
+                self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            return False
+        return True

@@ -1,0 +1,183 @@
+"""Plain data types that the layers of msa-cluster exchange. No logic beyond validation.
+
+Shape legend: R routing layers, C chunks, Hkv kv heads, D head dim, T tokens, Hr routing
+heads (Hkv when the head reduction is folded, else the query head count H), B batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "EncodedDocument",
+    "ModelFingerprint",
+    "RoutingSpec",
+    "RoutingQuery",
+    "ScoredDoc",
+    "Retrieval",
+    "Citation",
+    "MemoryError_",
+    "MemoryFullError",
+    "ShardUnavailable",
+    "UnknownDocumentError",
+]
+
+DEFAULT_TENANT = "default"
+
+Similarity = Literal["dot", "cosine"]
+HeadReduce = Literal["mean", "max"]
+QueryReduce = Literal["max", "mean", "last"]
+ChunkReduce = Literal["max", "mean"]
+
+
+class MemoryError_(RuntimeError):
+    """Base class of memory-layer errors a caller can handle (named to avoid the builtin)."""
+
+
+class MemoryFullError(MemoryError_):
+    """The router tier cannot take more documents: it never evicts, so it refuses."""
+
+
+class ShardUnavailable(MemoryError_):
+    """A shard did not answer in time or is dead; the request can be retried."""
+
+
+class UnknownDocumentError(MemoryError_, KeyError):
+    """A document id that the memory (for this tenant and snapshot) does not hold."""
+
+
+@dataclass(frozen=True)
+class EncodedDocument:
+    """One document after the model's stage-1 encoding.
+
+    keys, values, router_keys: [R, C, Hkv, D] in the model's dtype, one row per routing layer
+    in ascending layer order (`routing_layers`). keys are the chunk means of post-norm,
+    post-RoPE K at document-local positions; values the means of V; router_keys the means of
+    the router-K projection (or of K itself when the model has no router projections).
+    """
+
+    doc_id: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    router_keys: torch.Tensor
+    num_tokens: int
+    routing_layers: tuple[int, ...]
+    text: str | None = None
+    tenant: str = DEFAULT_TENANT
+    source: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.doc_id, int) or self.doc_id < 0:
+            raise ValueError(f"doc_id must be a non-negative int, got {self.doc_id!r}")
+        shape = tuple(self.keys.shape)
+        for name in ("values", "router_keys"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} shape {tuple(getattr(self, name).shape)} != keys shape {shape}")
+        if len(shape) != 4 or shape[0] != len(self.routing_layers):
+            raise ValueError(f"keys must be [R={len(self.routing_layers)}, C, Hkv, D], got {shape}")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.keys.shape[1])
+
+    def layer_index(self, layer: int) -> int:
+        """Row of `layer` (an absolute decoder layer index) in the stacked tensors."""
+        try:
+            return self.routing_layers.index(layer)
+        except ValueError:
+            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {self.routing_layers}") from None
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a stored memory was encoded with; a store refuses a model whose fingerprint differs.
+
+    config_hash: sha256 of the model config's canonical JSON (architecture fields only).
+    """
+
+    config_hash: str
+    routing_layers: tuple[int, ...]
+    dtype: str  # torch dtype name of the pooled tensors, e.g. "bfloat16"
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How routing scores are reduced; fixed by the model config."""
+
+    similarity: Similarity = "dot"
+    head_reduce: HeadReduce = "mean"
+    query_reduce: QueryReduce = "max"
+    chunk_reduce: ChunkReduce = "max"
+    num_heads: int = 1
+    num_kv_heads: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class RoutingQuery:
+    """A batch of routing queries for one routing layer.
+
+    vectors: [B, T, Hr, D] float32, already scaled (and per-head normalised for cosine);
+      Hr == Hkv when `folded` (head-mean folded into the KV-head layout), else Hr == H.
+    mask: [B, T] bool, True on routing tokens. A row with no True selects nothing.
+    """
+
+    vectors: torch.Tensor
+    mask: torch.Tensor
+    spec: RoutingSpec
+    folded: bool
+
+    def __post_init__(self) -> None:
+        if self.vectors.dtype != torch.float32:
+            raise TypeError(f"routing vectors must be float32, got {self.vectors.dtype}")
+        if self.vectors.dim() != 4 or tuple(self.mask.shape) != tuple(self.vectors.shape[:2]):
+            raise ValueError(
+                f"vectors [B, T, Hr, D] and mask [B, T] disagree: {tuple(self.vectors.shape)} vs {tuple(self.mask.shape)}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass(frozen=True)
+class ScoredDoc:
+    doc_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What a memory returns for one routing layer and a batch of queries.
+
+    selected[b]: the chosen documents of query b, best first (score desc, then doc id asc).
+    keys[b], values[b]: [C_b, Hkv, D] the pooled K/V of all chunks of selected[b], in the
+      order of selected[b], in the stored dtype.
+    """
+
+    selected: list[list[ScoredDoc]]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A document the answer read: its id, the interleave round, the best routing score seen."""
+
+    doc_id: int
+    round: int
+    score: float | None
+    source: str = ""
