@@ -46,6 +46,8 @@ __all__ = [
     "decode_router",
     "decode_content_range",
     "decode_text_range",
+    "doc_checksums",
+    "metadata_json",
     "crc32",
 ]
 
@@ -215,6 +217,11 @@ def _binary_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
+def _offsets(arr: pa.Array) -> np.ndarray:
+    """[len + 1] int64 value offsets of a large_binary / large_string array."""
+    return np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+
+
 def _open_batch(buf: Any, name: str) -> tuple[pa.RecordBatch, int]:
     """Parse a one-batch IPC file; returns the batch and the base address of `buf`."""
     pbuf = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
@@ -229,7 +236,7 @@ def _open_batch(buf: Any, name: str) -> tuple[pa.RecordBatch, int]:
     return batch, pbuf.address
 
 
-def _encode_content(segment_id: str, docs: Sequence[EncodedDocument], layout: TensorLayout, kv_lens: np.ndarray):
+def _encode_content(segment_id, docs, layout: TensorLayout, kv_lens: np.ndarray, known: list[int] | None):
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(kv_lens, out=offsets[1:])
     data = np.empty(int(offsets[-1]), dtype=np.uint8)
@@ -239,7 +246,7 @@ def _encode_content(segment_id: str, docs: Sequence[EncodedDocument], layout: Te
         o, half = int(offsets[i]), int(kv_lens[i]) // 2
         dst[o : o + half].copy_(_flat_bytes(d.keys))
         dst[o + half : o + 2 * half].copy_(_flat_bytes(d.values))
-        crcs.append(crc32(data[o : o + 2 * half]))
+        crcs.append(known[i] if known is not None else crc32(data[o : o + 2 * half]))
     texts = pa.array([d.text for d in docs], type=pa.large_string())
     ids = pa.array([d.doc_id for d in docs], type=pa.int64())
     batch = pa.record_batch([ids, _binary_column(data, offsets), texts], names=["doc_id", "kv", "text"])
@@ -248,13 +255,13 @@ def _encode_content(segment_id: str, docs: Sequence[EncodedDocument], layout: Te
     parsed, base = _open_batch(buf, f"{segment_id}.content.arrow")
     kv_start = parsed.column("kv").buffers()[2].address - base
     text_col = parsed.column("text")
-    text_offsets = text_col.offsets.to_numpy()
+    text_offsets = _offsets(text_col)
     text_data = text_col.buffers()[2]
     text_start = (text_data.address - base) if text_data is not None else 0
     return buf, offsets[:-1] + kv_start, crcs, text_start + text_offsets[:-1], np.diff(text_offsets)
 
 
-def _encode_router(segment_id: str, docs: Sequence[EncodedDocument], layout: TensorLayout, chunks: np.ndarray):
+def _encode_router(segment_id, docs, layout: TensorLayout, chunks: np.ndarray, known: list[int] | None):
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(chunks * layout.chunk_bytes, out=offsets[1:])
     crcs = [0] * len(docs)
@@ -265,21 +272,41 @@ def _encode_router(segment_id: str, docs: Sequence[EncodedDocument], layout: Ten
         for i, d in enumerate(docs):
             a, b = int(offsets[i]), int(offsets[i + 1])
             dst[a:b].copy_(_flat_bytes(d.router_keys[r]))
-            crcs[i] = crc32(data[a:b], crcs[i])
+            if known is None:
+                crcs[i] = crc32(data[a:b], crcs[i])
         columns.append(_binary_column(data, offsets))
         names.append(f"rk_{layer}")
     batch = pa.record_batch(columns, names=names).replace_schema_metadata(layout.segment_meta(segment_id, "router"))
-    return _serialize(batch), crcs
+    return _serialize(batch), (crcs if known is None else list(known))
 
 
-def encode_segment(segment_id: str, docs: Sequence[EncodedDocument], layout: TensorLayout) -> EncodedSegment:
-    """Encode documents (already checked with `layout.check`) into one segment's three files."""
+def doc_checksums(doc: EncodedDocument) -> tuple[int, int]:
+    """(CRC32 of K||V bytes, CRC32 of router-key bytes layer after layer): what the files will hold."""
+    kv = crc32(_flat_bytes(doc.values).numpy(), crc32(_flat_bytes(doc.keys).numpy()))
+    rk = 0
+    for r in range(doc.router_keys.shape[0]):
+        rk = crc32(_flat_bytes(doc.router_keys[r]).numpy(), rk)
+    return kv, rk
+
+
+def encode_segment(
+    segment_id: str,
+    docs: Sequence[EncodedDocument],
+    layout: TensorLayout,
+    checksums: Sequence[tuple[int, int]] | None = None,
+) -> EncodedSegment:
+    """Encode documents (already checked with `layout.check`) into one segment's three files.
+
+    checksums: each document's `doc_checksums`, when the caller computed them already.
+    """
     if not docs:
         raise ValueError("a segment needs at least one document")
     chunks = np.array([d.num_chunks for d in docs], dtype=np.int64)
     kv_lens = 2 * len(layout.routing_layers) * chunks * layout.chunk_bytes
-    content, kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens)
-    router, rk_crcs = _encode_router(segment_id, docs, layout, chunks)
+    kv_known = [c[0] for c in checksums] if checksums is not None else None
+    rk_known = [c[1] for c in checksums] if checksums is not None else None
+    content, kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens, kv_known)
+    router, rk_crcs = _encode_router(segment_id, docs, layout, chunks, rk_known)
     rows = []
     for i, d in enumerate(docs):
         has_text = d.text is not None
@@ -366,7 +393,7 @@ class RouterFile:
         for layer in layout.routing_layers:
             col = batch.column(f"rk_{layer}")
             expect = docs.chunk_offsets * layout.chunk_bytes
-            if not np.array_equal(col.offsets.to_numpy(), expect):
+            if not np.array_equal(_offsets(col), expect):
                 raise CorruptStoreError(f"segment file {name}: layer {layer} offsets disagree with chunk counts", (name,))
             data = col.buffers()[2]
             start = (data.address - base) if data is not None else 0

@@ -101,7 +101,14 @@ class StoreFS:
                 n = os.preadv(f.fileno(), [buf], start)
             del buf[n:]
             return buf
-        return bytearray(self.fs.cat_file(self.path(rel), start=start, end=start + length))
+        try:
+            return bytearray(self.fs.cat_file(self.path(rel), start=start, end=start + length))
+        except OSError:
+            # S3 answers 416 to a range past the end: report it as the short read it is
+            size = self.size(rel)
+            if size >= start + length:
+                raise
+            return bytearray(self.fs.cat_file(self.path(rel), start=start, end=size)) if size > start else bytearray()
 
     def map(self, rel: str) -> Any:
         """The whole file as a writable buffer: a private copy-on-write mmap for local files.
@@ -170,9 +177,9 @@ class StoreFS:
                 f.flush()
                 os.fsync(f.fileno())
             return
-        if self.kind == "memory":
-            data = bytes(data)  # the memory fs keeps the object: never alias a caller's buffer
-        self.fs.pipe_file(full, data)
+        # bytes: the memory fs keeps the object (never alias a caller's buffer), and botocore
+        # accepts only bytes, bytearray or files as a body
+        self.fs.pipe_file(full, bytes(data) if not isinstance(data, bytes) else data)
 
     def sync_dir(self, rel_dir: str) -> None:
         """Make new names in a local directory durable; a no-op elsewhere."""

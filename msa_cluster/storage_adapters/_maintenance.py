@@ -1,0 +1,181 @@
+"""Compaction, garbage collection and verification of a `MemoryStore` (called through its methods)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from msa_cluster.storage_adapters._format import RouterFile, decode_content_range, decode_docs, decode_text_range
+from msa_cluster.storage_adapters.errors import CommitConflictError, CorruptStoreError, SnapshotExpiredError
+from msa_cluster.storage_adapters.manifest import MANIFEST_DIR, Manifest, SegmentRef, manifest_path
+
+if TYPE_CHECKING:
+    from msa_cluster.storage_adapters.store import CommitResult, MemoryStore
+
+__all__ = ["GCReport", "VerifyReport", "compact", "collect_garbage", "verify"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GCReport:
+    kept_versions: tuple[int, ...]
+    deleted_versions: tuple[int, ...]
+    deleted_files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    version: int
+    files: int
+    documents: int  # rows checked, tombstoned ones included
+    bytes: int
+
+
+# -------------------------------------------------------------------------------- compaction
+def _pick(m: Manifest, small: int) -> list[SegmentRef]:
+    dirty = [s for s in m.segments if m.tombstones.get(s.id)]
+    smalls = [s for s in m.segments if not m.tombstones.get(s.id) and s.nbytes < small]
+    if not dirty and len(smalls) < 2:
+        return []
+    picked = {s.id for s in dirty + smalls}
+    return [s for s in m.segments if s.id in picked]
+
+
+def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitResult":
+    from msa_cluster.storage_adapters.store import CommitResult, _Restart
+
+    small = store.config.max_segment_bytes // 4 if small_segment_bytes is None else small_segment_bytes
+    for _ in range(3):
+        snap = store.snapshot()
+        m = snap.manifest
+        cands = _pick(m, small)
+        if not cands:
+            return CommitResult(version=m.version)
+        for seg in cands:  # never propagate a corrupt file into a new segment
+            for ref in seg.files.values():
+                store._cache.read_verified(ref)
+        cand_ids = {s.id for s in cands}
+        rows = [
+            row
+            for seg in cands
+            for row in store._cache.docs(seg).rows
+            if row.doc_id not in m.tombstones.get(seg.id, frozenset())
+        ]
+        docs = snap.documents([r.doc_id for r in rows])
+        written = store._write_segments(docs, [(r.content_crc, r.router_crc) for r in rows]) if docs else []
+
+        def build(base: Manifest):
+            if not cand_ids <= {s.id for s in base.segments}:
+                raise _Restart
+            now = store.snapshot(base.version)
+            tombs = {k: set(v) for k, v in base.tombstones.items() if k not in cand_ids}
+            segments = [s for s in base.segments if s.id not in cand_ids]
+            for seg, new_rows in written:
+                # rows deleted or replaced since this compaction started stay dead in the new segment
+                dead = {r.doc_id for r in new_rows if r.doc_id not in now or now.info(r.doc_id).segment_id not in cand_ids}
+                if len(dead) < len(new_rows):
+                    segments.append(seg)
+                    if dead:
+                        tombs[seg.id] = dead
+            result = CommitResult(0, rewritten_segments=tuple(sorted(cand_ids)))
+            return {"segments": tuple(segments), "tombstones": tombs}, result
+
+        try:
+            return store._commit("compact", build)
+        except _Restart:
+            log.info("store %s: compaction inputs changed under it; starting over", store.url)
+            store._discard(seg for seg, _ in written)
+        except BaseException:
+            store._discard(seg for seg, _ in written)
+            raise
+    raise CommitConflictError(f"store {store.url}: compaction kept racing other compactions; gave up")
+
+
+# -------------------------------------------------------------------------------- garbage collection
+def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: float) -> GCReport:
+    fs, now = store._fs, time.time()
+    manifests: dict[int, Manifest] = {}
+    for v in store.versions():
+        try:
+            manifests[v] = store._manifest(v)
+        except SnapshotExpiredError:  # another gc took it
+            continue
+    versions = sorted(manifests)
+    if not versions:
+        return GCReport((), (), ())
+    keep = {versions[-1]}
+    for older, newer in zip(versions, versions[1:]):
+        if now - manifests[newer].created_at < grace_s:
+            keep.add(older)
+    dropped = [v for v in versions if v not in keep]
+    referenced = set().union(*(manifests[v].files() for v in keep))
+    once_used = set().union(set(), *(manifests[v].files() for v in dropped)) - referenced
+    for v in dropped:  # oldest first: a crash here leaves a consistent suffix of versions
+        fs.delete(manifest_path(v))
+        store._snapshots.pop(v, None)
+    deleted = []
+    for directory in ("segments", "artifacts"):
+        for f in fs.list(directory):
+            rel = f"{directory}/{f.name}"
+            if rel in referenced:
+                continue
+            if rel in once_used or now - f.mtime >= uncommitted_grace_s:
+                if fs.delete(rel):
+                    deleted.append(rel)
+    store._cache.forget(deleted)
+    for f in fs.list(MANIFEST_DIR):  # temp files of local commits that crashed
+        if f.name.startswith(".tmp-") and now - f.mtime >= uncommitted_grace_s:
+            fs.delete(f"{MANIFEST_DIR}/{f.name}")
+    log.info("store %s: gc kept versions %s, deleted %d versions and %d files", store.url, sorted(keep), len(dropped), len(deleted))
+    return GCReport(tuple(sorted(keep)), tuple(dropped), tuple(sorted(deleted)))
+
+
+# -------------------------------------------------------------------------------- verification
+def _verify_segment(store: "MemoryStore", seg: SegmentRef, bufs: dict[str, object]) -> int:
+    names = {k: store._fs.display(ref.path) for k, ref in seg.files.items()}
+    docs = decode_docs(seg.id, bufs["docs"], names["docs"])
+    router = RouterFile(docs, bufs["router"], store.layout, names["router"])
+    for i, row in enumerate(docs.rows):
+        router.check(i)
+        decode_content_range(row, bufs["content"], row.content_offset, store.layout, names["content"])
+        if row.text_length >= 0:
+            text = bufs["content"][row.text_offset : row.text_offset + row.text_length]
+            decode_text_range(row, text, names["content"])
+    return len(docs)
+
+
+def verify(store: "MemoryStore", version: int) -> VerifyReport:
+    m = store._manifest(version)
+    problems: list[tuple[str, str]] = []
+    files = documents = nbytes = 0
+    refs = [(seg, kind, ref) for seg in m.segments for kind, ref in seg.files.items()]
+    bufs: dict[str, dict[str, object]] = {}
+    for seg, kind, ref in refs:
+        try:
+            bufs.setdefault(seg.id, {})[kind] = store._cache.read_verified(ref)
+            files += 1
+            nbytes += ref.size
+        except FileNotFoundError:
+            problems.append((store._fs.display(ref.path), "missing"))
+        except CorruptStoreError as e:
+            problems.append((store._fs.display(ref.path), str(e)))
+    for seg in m.segments:
+        if len(bufs.get(seg.id, {})) == 3:
+            try:
+                documents += _verify_segment(store, seg, bufs[seg.id])
+            except CorruptStoreError as e:
+                problems.extend((p, str(e)) for p in e.paths)
+    for name, ref in m.artifacts.items():
+        try:
+            store._cache.read_verified(ref)
+            files += 1
+            nbytes += ref.size
+        except (FileNotFoundError, CorruptStoreError) as e:
+            problems.append((store._fs.display(ref.path), f"artifact {name}: {e}"))
+    if problems:
+        detail = "; ".join(f"{p}: {msg}" for p, msg in problems)
+        raise CorruptStoreError(f"store {store.url} version {version} has bad files: {detail}", tuple(p for p, _ in problems))
+    return VerifyReport(version, files, documents, nbytes)

@@ -1,0 +1,380 @@
+"""Reading one pinned store version: document listing, texts, K/V range reads, bulk router keys.
+
+Shape legend: R routing layers, C chunks (of one document or, summed, of a set), Hkv kv heads,
+D head dim, N documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from msa_cluster.storage_adapters._format import (
+    DocRow,
+    RouterFile,
+    SegmentDocs,
+    TensorLayout,
+    crc32,
+    decode_content_range,
+    decode_docs,
+    decode_text_range,
+)
+from msa_cluster.storage_adapters._fs import StoreFS
+from msa_cluster.storage_adapters.errors import CorruptStoreError, SnapshotExpiredError
+from msa_cluster.storage_adapters.manifest import FileRef, Manifest, SegmentRef
+from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
+
+__all__ = ["StoreSnapshot", "DocInfo", "RouterKeys"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DocInfo:
+    """What the store knows about one live document, without reading its tensors."""
+
+    doc_id: int
+    tenant: str
+    source: str
+    metadata: dict[str, str]
+    num_tokens: int
+    num_chunks: int
+    segment_id: str
+    has_text: bool
+
+
+@dataclass(frozen=True)
+class RouterKeys:
+    """Router keys of a set of documents, contiguous by document in ascending doc id order.
+
+    keys: [R, C, Hkv, D] in the store dtype (row r is routing layer `routing_layers[r]`);
+    doc_offsets: [N + 1] int64, document i owns chunks [doc_offsets[i], doc_offsets[i + 1]);
+    doc_ids: [N] int64 ascending; tenants: N tenant names, aligned with doc_ids.
+    """
+
+    keys: torch.Tensor
+    doc_offsets: torch.Tensor
+    doc_ids: torch.Tensor
+    tenants: tuple[str, ...]
+    routing_layers: tuple[int, ...]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """[C, Hkv, D] router keys at one routing layer (a view)."""
+        try:
+            return self.keys[self.routing_layers.index(layer)]
+        except ValueError:
+            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {self.routing_layers}") from None
+
+    def tenant_mask(self, tenant: str) -> torch.Tensor:
+        """[N] bool, True where the document belongs to `tenant`."""
+        return torch.tensor([t == tenant for t in self.tenants], dtype=torch.bool)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size()
+
+    def __len__(self) -> int:
+        return len(self.tenants)
+
+
+class SegmentCache:
+    """Immutable segment data shared by the snapshots of one store object (thread-safe).
+
+    Holds decoded docs tables and, for local stores, copy-on-write mmaps of content files.
+    """
+
+    def __init__(self, fs: StoreFS, layout: TensorLayout, max_docs_tables: int = 4096, max_maps: int = 64):
+        self.fs, self.layout = fs, layout
+        self._lock = threading.Lock()
+        self._docs: OrderedDict[str, SegmentDocs] = OrderedDict()
+        self._maps: OrderedDict[str, Any] = OrderedDict()
+        self._max_docs, self._max_maps = max_docs_tables, max_maps
+
+    def _lru_get(self, table: OrderedDict, key: str) -> Any:
+        with self._lock:
+            value = table.get(key)
+            if value is not None:
+                table.move_to_end(key)
+            return value
+
+    def _lru_put(self, table: OrderedDict, key: str, value: Any, limit: int) -> None:
+        with self._lock:
+            table[key] = value
+            table.move_to_end(key)
+            while len(table) > limit:
+                table.popitem(last=False)
+
+    def read_verified(self, ref: FileRef) -> Any:
+        """A whole file, checked against its size and CRC32 (a writable buffer)."""
+        buf = self.fs.map(ref.path)
+        name = self.fs.display(ref.path)
+        if len(buf) != ref.size:
+            raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
+        if crc32(buf) != ref.crc32:
+            raise CorruptStoreError(f"file {name} fails its checksum", (name,))
+        return buf
+
+    def docs(self, seg: SegmentRef) -> SegmentDocs:
+        cached = self._lru_get(self._docs, seg.id)
+        if cached is not None:
+            return cached
+        ref = seg.files["docs"]
+        decoded = decode_docs(seg.id, self.read_verified(ref), self.fs.display(ref.path))
+        if len(decoded) != seg.num_docs:
+            name = self.fs.display(ref.path)
+            raise CorruptStoreError(f"file {name} holds {len(decoded)} documents, the manifest says {seg.num_docs}", (name,))
+        self._lru_put(self._docs, seg.id, decoded, self._max_docs)
+        return decoded
+
+    def mapped(self, ref: FileRef) -> Any:
+        """A local file as a copy-on-write mmap (cached), checked against its recorded size."""
+        buf = self._lru_get(self._maps, ref.path)
+        if buf is None:
+            buf = self.fs.map(ref.path)
+            if len(buf) != ref.size:
+                name = self.fs.display(ref.path)
+                raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
+            self._lru_put(self._maps, ref.path, buf, self._max_maps)
+        return buf
+
+    def router(self, seg: SegmentRef) -> RouterFile:
+        ref = seg.files["router"]
+        buf = self.fs.map(ref.path)
+        name = self.fs.display(ref.path)
+        if len(buf) != ref.size:
+            raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
+        return RouterFile(self.docs(seg), buf, self.layout, name)
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop cached mmaps of deleted files, so their disk space is freed."""
+        with self._lock:
+            for p in paths:
+                self._maps.pop(p, None)
+
+    def range(self, ref: FileRef, start: int, length: int) -> tuple[Any, int]:
+        """(buffer, offset of `start` in it): a slice of the mmap locally, a range read elsewhere."""
+        if self.fs.kind == "local":
+            return self.mapped(ref), start
+        return self.fs.read_range(ref.path, start, length), 0
+
+
+class StoreSnapshot:
+    """One committed version of a store, pinned: every read sees exactly this version.
+
+    Safe to share between threads. Reads never return a deleted (tombstoned) document, and with
+    `tenant=` never another tenant's document. Every tensor read is checksum-verified.
+    """
+
+    def __init__(self, manifest: Manifest, fs: StoreFS, cache: SegmentCache):
+        self.manifest = manifest
+        self.version: int = manifest.version
+        self.fingerprint: ModelFingerprint = manifest.fingerprint
+        self._fs, self._cache, self._layout = fs, cache, cache.layout
+        self._segments = {s.id: s for s in manifest.segments}
+        self._dir: dict[int, tuple[SegmentRef, int]] | None = None
+        self._dir_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ directory
+    def _guard(self, fn, *args):
+        """Run a read; a vanished file means the version was garbage-collected (or is corrupt)."""
+        try:
+            return fn(*args)
+        except FileNotFoundError as e:
+            if not self._fs.exists(self.manifest.path):
+                raise SnapshotExpiredError(
+                    f"store version {self.version} of {self._fs.url} was garbage-collected; open a new snapshot"
+                ) from e
+            raise CorruptStoreError(f"a file of store version {self.version} is missing: {e.filename or e}") from e
+
+    def _directory(self) -> dict[int, tuple[SegmentRef, int]]:
+        with self._dir_lock:
+            if self._dir is None:
+                self._dir = self._guard(self._build_directory)
+            return self._dir
+
+    def _build_directory(self) -> dict[int, tuple[SegmentRef, int]]:
+        out: dict[int, tuple[SegmentRef, int]] = {}
+        for seg in self.manifest.segments:
+            dead = self.manifest.tombstones.get(seg.id, frozenset())
+            for i, row in enumerate(self._cache.docs(seg).rows):
+                if row.doc_id in dead:
+                    continue
+                if row.doc_id in out:
+                    raise CorruptStoreError(
+                        f"manifest {self._fs.display(self.manifest.path)}: document {row.doc_id} is live in "
+                        f"segments {out[row.doc_id][0].id} and {seg.id}",
+                        (self._fs.display(self.manifest.path),),
+                    )
+                out[row.doc_id] = (seg, i)
+        return out
+
+    def _row(self, doc_id: int, tenant: str | None = None) -> tuple[SegmentRef, int, DocRow]:
+        hit = self._directory().get(doc_id)
+        if hit is not None:
+            seg, i = hit
+            row = self._cache.docs(seg).rows[i]
+            if tenant is None or row.tenant == tenant:
+                return seg, i, row
+        who = f" for tenant {tenant!r}" if tenant is not None else ""
+        raise UnknownDocumentError(f"document {doc_id} is not in store version {self.version}{who}")
+
+    def __len__(self) -> int:
+        return len(self._directory())
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._directory()
+
+    def doc_ids(self, tenant: str | None = None) -> list[int]:
+        """Live document ids, ascending; only `tenant`'s when given."""
+        d = self._directory()
+        if tenant is None:
+            return sorted(d)
+        return sorted(i for i, (seg, r) in d.items() if self._cache.docs(seg).rows[r].tenant == tenant)
+
+    def tenants(self) -> list[str]:
+        return sorted({self._cache.docs(seg).rows[r].tenant for seg, r in self._directory().values()})
+
+    def info(self, doc_id: int, tenant: str | None = None) -> DocInfo:
+        seg, _, row = self._row(doc_id, tenant)
+        return DocInfo(
+            row.doc_id, row.tenant, row.source, row.metadata_dict, row.num_tokens, row.num_chunks, seg.id, row.text_length >= 0
+        )
+
+    # ------------------------------------------------------------------ content
+    def read_kv(self, doc_id: int, tenant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one document: each [R, C, Hkv, D] in the store dtype, from one range read.
+
+        Locally the tensors are zero-copy views of a private copy-on-write mmap of the segment.
+        """
+        seg, _, row = self._row(doc_id, tenant)
+        ref = seg.files["content"]
+        buf, offset = self._guard(self._cache.range, ref, row.content_offset, row.content_length)
+        return decode_content_range(row, buf, offset, self._layout, self._fs.display(ref.path))
+
+    def kv_nbytes(self, doc_id: int) -> int:
+        """Bytes of K and V of one document (what `read_kv` brings into memory)."""
+        return self._row(doc_id)[2].content_length
+
+    def content_id(self, doc_id: int) -> tuple[int, int, int]:
+        """Identity of a document's K/V bytes (id, length, CRC32): equal ids across versions
+        (e.g. before and after compaction) mean the cached tensors are still valid."""
+        row = self._row(doc_id)[2]
+        return (row.doc_id, row.content_length, row.content_crc)
+
+    def router_nbytes(self, doc_ids: Iterable[int], tenant: str | None = None) -> int:
+        """Bytes `router_keys(doc_ids)` will return, without reading any router file."""
+        lay = self._layout
+        return sum(self._row(i, tenant)[2].num_chunks for i in set(doc_ids)) * len(lay.routing_layers) * lay.chunk_bytes
+
+    def texts(self, doc_ids: Iterable[int], tenant: str | None = None) -> dict[int, str]:
+        """Raw texts; ids that are not live (or not `tenant`'s, or have no text) are left out."""
+        out = {}
+        for doc_id in doc_ids:
+            try:
+                seg, _, row = self._row(doc_id, tenant)
+            except UnknownDocumentError:
+                continue
+            if row.text_length < 0:
+                continue
+            ref = seg.files["content"]
+            buf, offset = self._guard(self._cache.range, ref, row.text_offset, row.text_length)
+            out[doc_id] = decode_text_range(row, buf[offset : offset + row.text_length], self._fs.display(ref.path))
+        return out
+
+    def documents(self, doc_ids: Sequence[int] | None = None, tenant: str | None = None) -> list[EncodedDocument]:
+        """Full documents (K, V, router K, text, metadata), ascending id unless `doc_ids` orders them."""
+        ids = self.doc_ids(tenant) if doc_ids is None else list(doc_ids)
+        rows = [self._row(i, tenant) for i in ids]
+        routers: dict[str, RouterFile] = {}
+        texts = self.texts(ids, tenant)
+        out = []
+        for seg, i, row in rows:
+            if seg.id not in routers:
+                routers[seg.id] = self._guard(self._cache.router, seg)
+            k, v = self.read_kv(row.doc_id)
+            out.append(
+                EncodedDocument(
+                    doc_id=row.doc_id,
+                    keys=k,
+                    values=v,
+                    router_keys=routers[seg.id].doc(i),
+                    num_tokens=row.num_tokens,
+                    routing_layers=self._layout.routing_layers,
+                    text=texts.get(row.doc_id),
+                    tenant=row.tenant,
+                    source=row.source,
+                    metadata=row.metadata_dict,
+                )
+            )
+        return out
+
+    def document(self, doc_id: int, tenant: str | None = None) -> EncodedDocument:
+        return self.documents([doc_id], tenant)[0]
+
+    # ------------------------------------------------------------------ router keys
+    def router_keys(self, doc_ids: Iterable[int] | None = None, tenant: str | None = None) -> RouterKeys:
+        """Router keys of many documents in bulk (a shard's load), one read per segment.
+
+        doc_ids None: every live document (of `tenant` when given). Unknown ids are an error.
+        """
+        ids = sorted(set(self.doc_ids(tenant) if doc_ids is None else doc_ids))
+        picked = [self._row(i, tenant) for i in ids]
+        chunks = np.array([row.num_chunks for _, _, row in picked], dtype=np.int64)
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(chunks, out=offsets[1:])
+        lay = self._layout
+        keys = torch.empty(len(lay.routing_layers), int(offsets[-1]), lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+        by_segment: dict[str, list[int]] = {}
+        for j, (seg, _, _) in enumerate(picked):
+            by_segment.setdefault(seg.id, []).append(j)
+        for seg_id, js in by_segment.items():
+            rf = self._guard(self._cache.router, self._segments[seg_id])
+            src, dst = [], []
+            for j in js:
+                i = picked[j][1]
+                rf.check(i)
+                src.append(torch.arange(int(rf.docs.chunk_offsets[i]), int(rf.docs.chunk_offsets[i + 1])))
+                dst.append(torch.arange(int(offsets[j]), int(offsets[j + 1])))
+            src_t, dst_t = torch.cat(src), torch.cat(dst)
+            for r, layer_keys in enumerate(rf.layers):
+                keys[r].index_copy_(0, dst_t, layer_keys.index_select(0, src_t))
+        return RouterKeys(
+            keys=keys,
+            doc_offsets=torch.from_numpy(offsets),
+            doc_ids=torch.tensor(ids, dtype=torch.int64),
+            tenants=tuple(row.tenant for _, _, row in picked),
+            routing_layers=lay.routing_layers,
+        )
+
+    # ------------------------------------------------------------------ artifacts
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A named tensor artifact (e.g. the template-head K/V), read as safetensors."""
+        from safetensors.torch import load as load_safetensors
+
+        ref = self.manifest.artifacts.get(name)
+        if ref is None:
+            raise KeyError(f"store version {self.version} has no artifact {name!r}; it has {sorted(self.manifest.artifacts)}")
+        buf = self._guard(self._cache.read_verified, ref)
+        return load_safetensors(bytes(buf))
+
+    def stats(self) -> dict[str, int]:
+        d = self._directory()
+        rows = [self._cache.docs(seg).rows[i] for seg, i in d.values()]
+        return {
+            "version": self.version,
+            "documents": len(rows),
+            "chunks": sum(r.num_chunks for r in rows),
+            "tokens": sum(r.num_tokens for r in rows),
+            "segments": len(self.manifest.segments),
+            "tombstones": sum(len(v) for v in self.manifest.tombstones.values()),
+            "bytes": sum(s.nbytes for s in self.manifest.segments),
+        }
+
+    def __repr__(self) -> str:
+        return f"StoreSnapshot(url={self._fs.url!r}, version={self.version}, segments={len(self.manifest.segments)})"

@@ -1,0 +1,431 @@
+"""`MemoryStore`: the durable, versioned source of truth of an encoded memory.
+
+Writes never modify a file: an insert uploads new segment files, then publishes manifest
+version N+1 with an atomic create-if-absent. Two writers racing for N+1 cannot both win; the
+loser re-reads the new latest version, re-applies its change on top of it (a rebase: re-checks
+duplicates, maps deletes) and tries N+2. Nothing is lost and nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from msa_cluster.storage_adapters._format import (
+    DocRow,
+    TensorLayout,
+    crc32,
+    doc_checksums,
+    encode_segment,
+    metadata_json,
+)
+from msa_cluster.storage_adapters._fs import StoreFS
+from msa_cluster.storage_adapters.errors import (
+    CommitConflictError,
+    CorruptStoreError,
+    DocumentExistsError,
+    FingerprintMismatchError,
+    SnapshotExpiredError,
+    StoreNotFoundError,
+)
+from msa_cluster.storage_adapters.manifest import (
+    MANIFEST_DIR,
+    FileRef,
+    Manifest,
+    SegmentRef,
+    manifest_path,
+    normalize_fingerprint,
+    parse_manifest_name,
+)
+from msa_cluster.storage_adapters.snapshot import SegmentCache, StoreSnapshot
+from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
+
+__all__ = ["MemoryStore", "StoreConfig", "CommitResult"]
+
+log = logging.getLogger(__name__)
+
+SEGMENT_DIR = "segments"
+ARTIFACT_DIR = "artifacts"
+_ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Knobs of a store handle (not persisted: each writer may choose its own)."""
+
+    max_segment_bytes: int = 256 << 20  # a segment's three files together, except one huge document
+    gc_grace_s: float = 3600.0  # superseded versions (and files only they use) live at least this long
+    uncommitted_grace_s: float = 3600.0  # files no version ever referenced (in-flight writes) live this long
+    commit_retries: int = 64  # lost races before CommitConflictError
+    verify_writes: bool = True  # read every written file back and check its CRC32 before committing
+
+    def __post_init__(self) -> None:
+        if self.max_segment_bytes < 1 or self.commit_retries < 1 or min(self.gc_grace_s, self.uncommitted_grace_s) < 0:
+            raise ValueError(f"invalid StoreConfig {self}: sizes and retries must be positive, grace >= 0")
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What a write did. version: the version that holds the change (the current one for a no-op)."""
+
+    version: int
+    inserted: tuple[int, ...] = ()
+    replaced: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()  # re-inserts of identical content: idempotent no-ops
+    deleted: tuple[int, ...] = ()
+    rewritten_segments: tuple[str, ...] = ()
+
+
+class _Restart(Exception):
+    """A compaction's input segments vanished under it (another compaction won): start over."""
+
+
+def _new_id() -> str:
+    return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:16]}"
+
+
+def _doc_digest(doc: EncodedDocument, crcs: tuple[int, int]) -> tuple:
+    text = doc.text.encode("utf-8") if doc.text is not None else None
+    return (
+        doc.tenant, doc.source, metadata_json(doc.metadata), int(doc.num_tokens), doc.num_chunks, crcs[0], crcs[1],
+        len(text) if text is not None else -1, crc32(text) if text is not None else 0,
+    )  # fmt: skip
+
+
+class MemoryStore:
+    """A memory store under one fsspec URL (`/path`, `file://`, `s3://bucket/prefix`, `memory://`).
+
+    Thread-safe; several processes (and machines) may write the same store at once.
+
+    Example:
+        >>> import torch
+        >>> from msa_cluster.types import EncodedDocument, ModelFingerprint
+        >>> fp = ModelFingerprint("cfg", (2, 3), "float32", num_kv_heads=1, head_dim=4, chunk_size=64)
+        >>> store = MemoryStore.open("memory://doctest-store", fp, create=True)
+        >>> t = torch.zeros(2, 1, 1, 4)
+        >>> store.insert([EncodedDocument(7, t, t, t, num_tokens=10, routing_layers=(2, 3), text="hi")]).inserted
+        (7,)
+        >>> snap = store.snapshot()
+        >>> snap.doc_ids(), snap.texts([7]), tuple(snap.read_kv(7)[0].shape)
+        ([7], {7: 'hi'}, (2, 1, 1, 4))
+    """
+
+    def __init__(self, fs: StoreFS, fingerprint: ModelFingerprint, config: StoreConfig):
+        self._fs = fs
+        self.fingerprint = fingerprint
+        self.config = config
+        self.layout = TensorLayout.from_fingerprint(fingerprint)
+        self._cache = SegmentCache(fs, self.layout)
+        self._snapshots: OrderedDict[int, StoreSnapshot] = OrderedDict()
+
+    @property
+    def url(self) -> str:
+        return self._fs.url
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        fingerprint: ModelFingerprint,
+        *,
+        create: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        config: StoreConfig | None = None,
+    ) -> "MemoryStore":
+        """Open the store at `url` encoded by the model `fingerprint`; `create` makes an empty one if absent.
+
+        Raises StoreNotFoundError (no store and not `create`) or FingerprintMismatchError.
+        """
+        fp = normalize_fingerprint(fingerprint)
+        TensorLayout.from_fingerprint(fp)
+        fs = StoreFS(url, dict(storage_options or {}))
+        store = cls(fs, fp, config or StoreConfig())
+        if store._latest_version() is None:
+            if not create:
+                raise StoreNotFoundError(f"no memory store at {url} (no {MANIFEST_DIR}/); pass create=True to make one")
+            first = Manifest(version=0, fingerprint=fp, created_at=time.time(), operation="create")
+            if fs.create_exclusive(first.path, first.to_json()):
+                log.info("created memory store %s", url)
+        found = normalize_fingerprint(store._manifest(store._latest_version()).fingerprint)
+        if found != fp:
+            raise FingerprintMismatchError(f"store {url} was encoded by model {found}, not by model {fp}")
+        return store
+
+    def close(self) -> None:
+        self._snapshots.clear()
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ versions
+    def versions(self) -> list[int]:
+        """Committed versions still present (old ones disappear with `gc`), ascending."""
+        names = (parse_manifest_name(f.name) for f in self._fs.list(MANIFEST_DIR))
+        return sorted(v for v in names if v is not None)
+
+    def _latest_version(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def latest_version(self) -> int:
+        v = self._latest_version()
+        if v is None:
+            raise StoreNotFoundError(f"no memory store at {self.url}")
+        return v
+
+    def _manifest(self, version: int) -> Manifest:
+        snap = self._snapshots.get(version)
+        if snap is not None:
+            return snap.manifest
+        path = manifest_path(version)
+        try:
+            data = self._fs.read(path)
+        except FileNotFoundError:
+            raise SnapshotExpiredError(f"store {self.url} has no version {version} (never committed or collected)") from None
+        m = Manifest.from_json(data, self._fs.display(path))
+        if m.version != version:
+            raise CorruptStoreError(f"manifest {self._fs.display(path)} says version {m.version}", (self._fs.display(path),))
+        return m
+
+    def snapshot(self, version: int | None = None) -> StoreSnapshot:
+        """Pin a version (the latest by default): every read through it sees that version only."""
+        for attempt in range(3):
+            v = self.latest_version() if version is None else int(version)
+            snap = self._snapshots.get(v)
+            if snap is not None:
+                self._snapshots.move_to_end(v)
+                return snap
+            try:
+                snap = StoreSnapshot(self._manifest(v), self._fs, self._cache)
+            except FileNotFoundError:
+                if version is not None or attempt == 2:
+                    raise
+                continue
+            self._snapshots[v] = snap
+            while len(self._snapshots) > 4:
+                self._snapshots.popitem(last=False)
+            return snap
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, operation: str, build: Callable[[Manifest], tuple[dict, CommitResult] | None]) -> CommitResult:
+        """Publish base.child(**changes) with compare-and-swap, rebuilding on the new base after a lost race."""
+        delay = 0.002
+        for _ in range(self.config.commit_retries):
+            base = self._manifest(self.latest_version())
+            plan = build(base)
+            if plan is None:
+                return CommitResult(version=base.version)
+            changes, result = plan
+            new = base.child(operation, **changes)
+            if self._fs.create_exclusive(new.path, new.to_json()):
+                log.info("store %s: committed version %d (%s)", self.url, new.version, operation)
+                return CommitResult(**{**result.__dict__, "version": new.version})
+            log.debug("store %s: lost the race for version %d; rebasing", self.url, new.version)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.25)
+        raise CommitConflictError(f"store {self.url}: gave up {operation} after {self.config.commit_retries} lost races")
+
+    def _write_file(self, rel: str, data: Any) -> FileRef:
+        crc = crc32(data)
+        self._fs.write(rel, data)
+        if self.config.verify_writes:
+            back = self._fs.map(rel)
+            if len(back) != len(data) or crc32(back) != crc:
+                raise CorruptStoreError(f"file {self._fs.display(rel)} does not read back as written", (self._fs.display(rel),))
+        return FileRef(rel, len(data), crc)
+
+    def _write_segments(self, docs: list[EncodedDocument], crcs: list[tuple[int, int]]) -> list[tuple[SegmentRef, list[DocRow]]]:
+        """Upload docs as segments of at most max_segment_bytes; returns them (not yet committed)."""
+        groups, size = [[]], 0
+        for i, d in enumerate(docs):
+            nbytes = 3 * d.keys.numel() * d.keys.element_size()
+            if groups[-1] and size + nbytes > self.config.max_segment_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += nbytes
+        out = []
+        for group in groups:
+            seg_id = _new_id()
+            enc = encode_segment(seg_id, [docs[i] for i in group], self.layout, [crcs[i] for i in group])
+            files = {kind: self._write_file(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", buf) for kind, buf in enc.files.items()}
+            chunks = sum(r.num_chunks for r in enc.rows)
+            out.append((SegmentRef(seg_id, len(enc.rows), chunks, files), enc.rows))
+        self._fs.sync_dir(SEGMENT_DIR)
+        return out
+
+    def _discard(self, segments: Iterable[SegmentRef]) -> None:
+        """Best-effort removal of uncommitted files (gc would collect them later anyway)."""
+        for seg in segments:
+            for ref in seg.files.values():
+                self._fs.delete(ref.path)
+
+    # ------------------------------------------------------------------ insert / update / delete
+    def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
+        """Add documents in one commit (atomic: all or none become visible).
+
+        A document whose id is live with identical content is skipped (idempotent re-runs). A live
+        id with different content raises DocumentExistsError unless `replace` (then it is updated).
+        """
+        docs = list(docs)
+        for d in docs:
+            self.layout.check(d)
+        seen: set[int] = set()
+        dups = sorted({d.doc_id for d in docs if d.doc_id in seen or seen.add(d.doc_id)})
+        if dups:
+            raise ValueError(f"document ids {dups} appear more than once in one insert")
+        crcs = [doc_checksums(d) for d in docs]
+        digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs)}
+        base = self.snapshot()
+        fresh = [i for i, d in enumerate(docs) if not self._same(base, d.doc_id, digests[d.doc_id], replace)]
+        if not fresh:
+            return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
+        written = self._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
+        skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in set(fresh))
+
+        def build(base_m: Manifest):
+            snap = self.snapshot(base_m.version)
+            tombs = {k: set(v) for k, v in base_m.tombstones.items()}
+            ins, rep, skip, keep = [], [], list(skipped_early), []
+            for seg, rows in written:
+                dead = set()
+                for row in rows:
+                    if row.doc_id not in snap:
+                        ins.append(row.doc_id)
+                        continue
+                    old = snap.info(row.doc_id).segment_id
+                    if self._same(snap, row.doc_id, row.digest(), replace):
+                        skip.append(row.doc_id)
+                        dead.add(row.doc_id)
+                    else:
+                        rep.append(row.doc_id)
+                        tombs.setdefault(old, set()).add(row.doc_id)
+                if len(dead) < len(rows):
+                    keep.append(seg)
+                    if dead:
+                        tombs[seg.id] = dead
+            if not keep:
+                return None
+            result = CommitResult(0, tuple(ins), tuple(rep), tuple(skip))
+            return {"segments": base_m.segments + tuple(keep), "tombstones": tombs}, result
+
+        try:
+            result = self._commit("insert", build)
+        except BaseException:
+            self._discard(seg for seg, _ in written)
+            raise
+        if not result.inserted and not result.replaced:
+            self._discard(seg for seg, _ in written)
+            return CommitResult(version=result.version, skipped=tuple(d.doc_id for d in docs))
+        return result
+
+    def _same(self, snap: StoreSnapshot, doc_id: int, digest: tuple, replace: bool) -> bool:
+        """True if doc_id is live in snap with this digest; raise if live and different (unless replace)."""
+        if doc_id not in snap:
+            return False
+        seg, i, row = snap._row(doc_id)
+        if row.digest() == digest:
+            return True
+        if not replace:
+            raise DocumentExistsError(
+                f"document {doc_id} is already in store {self.url} (version {snap.version}) with different "
+                f"content; use replace=True or update() to overwrite it"
+            )
+        return False
+
+    def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
+        """Replace live documents by id in one commit; every id must exist (UnknownDocumentError)."""
+        docs = list(docs)
+        snap = self.snapshot()
+        missing = sorted(d.doc_id for d in docs if d.doc_id not in snap)
+        if missing:
+            raise UnknownDocumentError(f"cannot update documents {missing}: not in store {self.url} version {snap.version}")
+        return self.insert(docs, replace=True)
+
+    def delete(self, doc_ids: Iterable[int], *, tenant: str | None = None, missing_ok: bool = False) -> CommitResult:
+        """Tombstone documents by id in one commit; with `tenant`, other tenants' ids count as unknown.
+
+        Unknown ids raise UnknownDocumentError unless `missing_ok`. The rows stay in their segment
+        files until `compact` rewrites them and `gc` removes the old files.
+        """
+        ids = sorted({int(i) for i in doc_ids})
+        first = [True]
+
+        def build(base_m: Manifest):
+            snap = self.snapshot(base_m.version)
+            live = [i for i in ids if i in snap and (tenant is None or snap.info(i).tenant == tenant)]
+            if first[0] and not missing_ok and len(live) < len(ids):
+                gone = sorted(set(ids) - set(live))
+                raise UnknownDocumentError(f"documents {gone} are not in store {self.url} version {snap.version}")
+            first[0] = False
+            if not live:
+                return None
+            tombs = {k: set(v) for k, v in base_m.tombstones.items()}
+            for i in live:
+                tombs.setdefault(snap.info(i).segment_id, set()).add(i)
+            return {"tombstones": tombs}, CommitResult(0, deleted=tuple(live))
+
+        return self._commit("delete", build)
+
+    def put_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> CommitResult:
+        """Store a named set of tensors (e.g. "template": the template-head K/V) as safetensors."""
+        from safetensors.torch import save as save_safetensors
+
+        if not isinstance(name, str) or not _ARTIFACT_NAME.match(name):
+            raise ValueError(f"artifact name {name!r} must match {_ARTIFACT_NAME.pattern}")
+        if not tensors or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise TypeError("tensors must be a non-empty mapping of str to torch.Tensor")
+        data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        ref = self._write_file(f"{ARTIFACT_DIR}/{name}-{_new_id()}.safetensors", data)
+
+        def build(base_m: Manifest):
+            return {"artifacts": {**base_m.artifacts, name: ref}}, CommitResult(0)
+
+        return self._commit(f"put {name}", build)
+
+    # ------------------------------------------------------------------ maintenance
+    def compact(self, *, small_segment_bytes: int | None = None) -> CommitResult:
+        """Rewrite segments that hold tombstoned rows (and merge small ones) without the dead rows.
+
+        Document ids are unchanged. Readers of older versions keep working until `gc` removes the
+        old files after the grace period; `gc(grace_s=0)` right after purges deleted documents'
+        text and tensors from storage for good.
+        """
+        from msa_cluster.storage_adapters._maintenance import compact
+
+        return compact(self, small_segment_bytes)
+
+    def gc(self, grace_s: float | None = None, uncommitted_grace_s: float | None = None):
+        """Delete versions superseded more than `grace_s` ago, then the files no kept version uses.
+
+        A file that only collected versions used goes at once; a file no version ever used (an
+        in-flight or crashed write) only after `uncommitted_grace_s`, so running writers are safe.
+        The latest version is always kept. Returns a GCReport.
+        """
+        from msa_cluster.storage_adapters._maintenance import collect_garbage
+
+        grace = self.config.gc_grace_s if grace_s is None else grace_s
+        floor = self.config.uncommitted_grace_s if uncommitted_grace_s is None else uncommitted_grace_s
+        return collect_garbage(self, grace, floor)
+
+    def verify(self, version: int | None = None):
+        """Check every file and every document of a version; raises CorruptStoreError naming the files."""
+        from msa_cluster.storage_adapters._maintenance import verify
+
+        return verify(self, self.latest_version() if version is None else version)
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.url!r})"
