@@ -116,7 +116,7 @@ class _InProcessSnapshot:
         return sorted(self._docs)
 
     def close(self) -> None:
-        self._indexes.clear()
+        """Nothing to release: in-process snapshots are shared and dropped with their version."""
 
 
 class InProcessMemory:

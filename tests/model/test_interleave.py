@@ -1,0 +1,128 @@
+"""Memory interleave: ids parsed, raw texts appended, re-routing on question + newest texts, limits."""
+
+import pytest
+import torch
+
+from msa_cluster.model import InProcessMemory
+from msa_cluster.model.interleave import InterleaveConfig, answer_with_memory
+from msa_cluster.model.tokenizer import ByteTokenizer
+from tests.model.helpers import make_model
+
+TOK = ByteTokenizer()
+TEXTS = ["alpha facts", "bravo facts", "charlie facts", "delta facts", "echo facts"]
+
+
+class Script:
+    """Forces a fixed token sequence, one token per generation step (a scripted model)."""
+
+    def __init__(self, text: str):
+        self.tokens = TOK.encode(text)
+        self.i = 0
+
+    def __call__(self, generated, logits):
+        forced = torch.full_like(logits, -1e9)
+        forced[self.tokens[min(self.i, len(self.tokens) - 1)]] = 0.0
+        self.i += 1
+        return forced
+
+
+class Recorder:
+    """Wraps a snapshot and records the routing masks of every retrieve call."""
+
+    def __init__(self, snap):
+        self.snap, self.version, self.tenant, self.masks = snap, snap.version, snap.tenant, []
+
+    def retrieve(self, layer, query, top_k):
+        self.masks.append(query.mask.clone())
+        return self.snap.retrieve(layer, query, top_k)
+
+    def texts(self, ids):
+        return self.snap.texts(ids)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=41, chunk=64)
+
+
+@pytest.fixture(scope="module")
+def memory(model):
+    docs = [TOK.encode(f"<|im_start|>[{i}]. {t}[{i}]<|im_end|>") for i, t in enumerate(TEXTS)]
+    return InProcessMemory.from_documents(model, docs, texts=TEXTS, tenants=["a", "a", "a", "b", "a"])
+
+
+def test_two_hop_protocol(model, memory):
+    """Round 1 names [2], round 2 names [0], then the answer: texts appended, routing on the newest texts."""
+    script = Script("[2]<|object_ref_end|>[0]<|object_ref_end|><End-of-Retrieve>The answer to the question is: 42<|im_end|>")
+    rec = Recorder(memory.snapshot("a"))
+    res = answer_with_memory(model, TOK, rec, "what is it?", InterleaveConfig(max_round_tokens=32), processor=script)
+    assert res.answer == "42" and res.finish_reason == "answer"
+    assert [(c.doc_id, c.round) for c in res.citations] == [(2, 1), (0, 2)]
+    assert [r.appended for r in res.rounds] == [[2], [0], []]
+    assert "[2]. charlie facts\n<|object_ref_end|>[0]<|object_ref_end|>[0]. alpha facts\n<|object_ref_end|>" in res.text
+    assert "<|im_start|>The user's question is: what is it?\n<|object_ref_end|>The answer to the question is: 42" in res.text
+    # 3 prefills x 2 routing layers; round 2 routes on the question plus exactly the appended text of doc 2.
+    assert len(rec.masks) == 6
+    first, second, third = rec.masks[0][0], rec.masks[2][0], rec.masks[4][0]
+    question_len = int(first.sum())
+    assert int(second.sum()) == question_len + len(TOK.encode("[2]. charlie facts\n"))
+    assert int(third.sum()) == question_len + len(TOK.encode("[0]. alpha facts\n"))
+    assert torch.equal(second[: first.numel()] & first, first)  # the question stays routed
+
+
+def test_other_tenant_and_unknown_ids_are_not_appended(model, memory):
+    """Ids of another tenant's document (3) or of no document (99) are never appended or cited."""
+    script = Script("[3][99][1]<|object_ref_end|><End-of-Retrieve>The answer to the question is: x<|im_end|>")
+    res = answer_with_memory(model, TOK, memory, "q", processor=script, tenant="a")
+    assert res.rounds[0].named == [1, 3, 99] and res.rounds[0].appended == [1]
+    assert [c.doc_id for c in res.citations] == [1] and "delta" not in res.text
+
+
+def test_max_rounds_is_enforced(model, memory):
+    """A model that names documents for ever is stopped after max_rounds and made to answer."""
+    script = Script("[1]<|object_ref_end|>" * 10)
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=2, max_answer_tokens=3), processor=script, tenant="a")
+    assert res.finish_reason == "max_rounds" and len(res.rounds) == 3
+    assert [c.round for c in res.citations] == [1, 2]
+    assert "<End-of-Retrieve><|im_start|>The user's question is: q" in res.text
+
+
+def test_context_budget_is_enforced(model, memory):
+    """Texts that would push the transcript past max_context_tokens are not appended."""
+    script = Script("[0][1]<|object_ref_end|><End-of-Retrieve>x<|im_end|>")
+    cfg = InterleaveConfig()
+    prompt_len = 3 + len(TOK.encode(cfg.instruction + "q\n" + cfg.return_docs + cfg.prompt_end + cfg.response_head))
+    generated = len(TOK.encode("[0][1]<|object_ref_end|>"))
+    budget = prompt_len + generated + len(TOK.encode("[0]. alpha facts\n")) + 1  # room for doc 0 only
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=budget), processor=script, tenant="a")
+    assert res.rounds[0].appended == [0]
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=10), processor=script)
+
+
+def test_citations_carry_routing_scores(model, memory):
+    """A cited document that routing selected carries its best routing score of that round."""
+    script = Script("[2]<|object_ref_end|><End-of-Retrieve>y<|im_end|>")
+    res = answer_with_memory(model, TOK, memory, "charlie?", processor=script, tenant="a")
+    sel = res.rounds[0].selected
+    if any(2 in s for s in sel.values()):
+        assert isinstance(res.citations[0].score, float)
+    else:
+        assert res.citations[0].score is None
+
+
+def test_plain_answer_without_retrieval(model, memory):
+    """A model that answers straight away (EOS) returns its text as the answer."""
+    res = answer_with_memory(model, TOK, memory, "q", processor=Script("hello<|im_end|>"))
+    assert res.answer == "hello" and res.finish_reason == "eos" and res.citations == []
+
+
+def test_bad_settings(model, memory):
+    """Empty questions and non-positive limits are rejected."""
+    with pytest.raises(ValueError, match="empty"):
+        answer_with_memory(model, TOK, memory, "  ")
+    with pytest.raises(ValueError, match="max_rounds"):
+        InterleaveConfig(max_rounds=0)
