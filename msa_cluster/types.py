@@ -23,6 +23,8 @@ __all__ = [
     "MemoryError_",
     "MemoryFullError",
     "ShardUnavailable",
+    "SnapshotGoneError",
+    "StaleShardError",
     "UnknownDocumentError",
 ]
 
@@ -44,6 +46,14 @@ class MemoryFullError(MemoryError_):
 
 class ShardUnavailable(MemoryError_):
     """A shard did not answer in time or is dead; the request can be retried."""
+
+
+class StaleShardError(ShardUnavailable):
+    """A shard has not applied the version a request pinned yet (it is catching up)."""
+
+
+class SnapshotGoneError(MemoryError_):
+    """A request pinned a version older than the memory still keeps; retry with a new snapshot."""
 
 
 class UnknownDocumentError(MemoryError_, KeyError):

@@ -1,0 +1,86 @@
+"""Distributed routing: fan a layer's routing queries out to every router shard, merge, fetch K/V.
+
+Legend: B query rows, T tokens, Hr routing heads, D head dim, C chunks, Hkv kv heads.
+
+`ClusterView` is what a request needs: the store version it pins and the (router, kv) shard
+pairs. A router shard and the KV shard of the same index own the same documents, so the shard
+that returned a winner is the one to ask for its K/V: no placement map travels.
+`fan_out` is exact: each shard returns its local top-k with the canonical scores; the merge
+keeps the global top-k by (score desc, doc id asc), the same order one shard holding every
+document would give.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from msa_cluster.actors.calls import gather, submit
+from msa_cluster.kernels.routing import merge_top_k
+from msa_cluster.types import Retrieval, RoutingQuery, ShardUnavailable
+
+__all__ = ["ClusterView", "fan_out", "fetch_texts"]
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    version: int
+    routers: tuple[Any, ...]
+    kvs: tuple[Any, ...]
+    timeout_s: float = 30.0
+
+
+def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tenants: Sequence[str],
+            versions: Sequence[int] | None = None) -> Retrieval:
+    """Score at every router shard, merge to the global top-k, fetch the winners' K/V in one pass."""
+    versions = [view.version] * query.batch_size if versions is None else list(versions)
+    deadline = time.monotonic() + view.timeout_s
+    q = RoutingQuery(query.vectors.contiguous(), query.mask, query.spec, query.folded)
+    parts = gather([submit(r, "score", layer, q, top_k, list(tenants), versions) for r in view.routers], view.timeout_s)
+    owner: dict[int, int] = {}
+    for shard, rows in enumerate(parts):
+        for row in rows:
+            for d in row:
+                owner[d.doc_id] = shard
+    merged = merge_top_k(parts, top_k)
+    # One fetch per (shard, version) with the union of the rows' winners, then split per row.
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for row, version in zip(merged, versions):
+        for d in row:
+            ids = wanted.setdefault((owner[d.doc_id], version), [])
+            if d.doc_id not in ids:
+                ids.append(d.doc_id)
+    keys_ = list(wanted)
+    remaining = max(deadline - time.monotonic(), 0.001)
+    fetched = gather([submit(view.kvs[s], "fetch", layer, wanted[(s, v)], v) for s, v in keys_], remaining)
+    pieces: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (s, v), (k, val, counts) in zip(keys_, fetched):
+        start = 0
+        for doc_id, c in zip(wanted[(s, v)], counts):
+            pieces[(doc_id, v)] = (k[start : start + c], val[start : start + c])
+            start += c
+    keys, values = [], []
+    for row, version in zip(merged, versions):
+        ks = [pieces[(d.doc_id, version)][0] for d in row]
+        vs = [pieces[(d.doc_id, version)][1] for d in row]
+        keys.append(torch.cat(ks) if ks else torch.empty(0))
+        values.append(torch.cat(vs) if vs else torch.empty(0))
+    return Retrieval(selected=merged, keys=keys, values=values)
+
+
+def fetch_texts(view: ClusterView, doc_ids: Sequence[int], tenant: str, version: int) -> dict[int, str]:
+    """Raw texts (tenant-filtered, live at `version`); any KV shard can read any text from the store."""
+    if not doc_ids:
+        return {}
+    for attempt, kv in enumerate(view.kvs):
+        try:
+            return gather([submit(kv, "texts", list(doc_ids), version, tenant)], view.timeout_s)[0]
+        except ShardUnavailable:
+            if attempt == len(view.kvs) - 1:
+                raise
+    return {}
+
+

@@ -1,0 +1,58 @@
+"""Generator: the model plus a MemoryBackend, answering questions with memory interleave.
+
+Requests may run concurrently (threads of one actor); with a `ClusterMemory` backend their
+routing calls are batched per layer. The model's modules hold no per-request state.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from msa_cluster.model import MSAForCausalLM
+from msa_cluster.model.interleave import InterleaveConfig, InterleaveResult, answer_with_memory
+from msa_cluster.model.memory import MemoryBackend
+from msa_cluster.model.tokenizer import Codec, load_codec
+from msa_cluster.types import DEFAULT_TENANT
+
+__all__ = ["Generator"]
+
+
+class Generator:
+    """Plain class; `actors.remote` wraps it. `memory` is any MemoryBackend.
+
+    Example:
+        >>> gen = Generator.from_checkpoint(path, memory)                 # doctest: +SKIP
+        >>> gen.answer("When was the pier rebuilt?", tenant="acme").answer  # doctest: +SKIP
+    """
+
+    def __init__(self, model: MSAForCausalLM, codec: Codec, memory: MemoryBackend, threads: int | None = None):
+        self.model, self.codec, self.memory = model, codec, memory
+        if threads:
+            torch.set_num_threads(threads)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, memory: MemoryBackend, dtype: Any = None, device: str | None = None, **kw) -> "Generator":
+        model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        return cls(model, load_codec(path), memory, **kw)
+
+    def answer(self, question: str, tenant: str = DEFAULT_TENANT, config: InterleaveConfig | None = None) -> InterleaveResult:
+        with self._lock:
+            self._active += 1
+        try:
+            return answer_with_memory(self.model, self.codec, self.memory, question, config or InterleaveConfig(), tenant=tenant)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def prefill_selection(self, input_ids: list[int], routing_mask: list[bool], tenant: str = DEFAULT_TENANT) -> dict:
+        """Selections and last-token logits of one prefill (for exactness checks and debugging)."""
+        out = self.model.prefill(torch.tensor([input_ids]), self.memory, torch.tensor([routing_mask]), tenant=tenant)
+        return {"selected": out.selected, "scores": out.scores, "logits": out.logits[0].numpy(), "version": out.version}
+
+    def stats(self) -> dict:
+        return {"active_requests": self._active}

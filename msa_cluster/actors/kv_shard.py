@@ -1,0 +1,90 @@
+"""KVShard: pooled K/V (and raw texts) of its documents, served per routing layer.
+
+Content lives in node RAM through the store's `TieredKVReader` (an LRU under a byte budget;
+cold documents are one range read from the store). It evicts when full and never crashes.
+Requests name the version they pinned: a document updated after that version is read from
+the pinned snapshot, not from the newer hot copy.
+
+Legend: C chunks, Hkv kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from msa_cluster.storage_adapters import MemoryStore, StoreError, StoreSnapshot, TieredKVReader
+from msa_cluster.types import SnapshotGoneError
+
+__all__ = ["KVShard"]
+
+
+class KVShard:
+    """Plain class; `actors.remote` wraps it as an actor.
+
+    Example:
+        >>> shard = KVShard(0, store, budget_bytes=1 << 30)            # doctest: +SKIP
+        >>> shard.sync(version=3, doc_ids=[1, 4])                       # doctest: +SKIP
+        >>> k, v, counts = shard.fetch(layer=18, doc_ids=[4, 1], version=3)  # doctest: +SKIP
+    """
+
+    def __init__(self, shard_id: int, store: MemoryStore, budget_bytes: int = 1 << 30):
+        self.shard_id = shard_id
+        self.store = store
+        self.budget_bytes = budget_bytes
+        self._reader: TieredKVReader | None = None
+        self.version = -1
+
+    def _snapshot(self, version: int) -> StoreSnapshot:
+        try:
+            return self.store.snapshot(version)  # the store caches recent snapshots
+        except (StoreError, FileNotFoundError) as e:
+            raise SnapshotGoneError(f"kv shard {self.shard_id}: version {version} is not readable: {e}") from e
+
+    def sync(self, version: int, doc_ids: Sequence[int] = (), prefetch: bool = False) -> int:
+        """Move the hot tier to `version` (dropping documents deleted or changed there)."""
+        snap = self._snapshot(version)
+        if self._reader is None:
+            self._reader = TieredKVReader(snap, self.budget_bytes)
+        elif version > self.version:
+            self._reader.set_snapshot(snap)
+        self.version = max(self.version, version)
+        if prefetch:
+            self._reader.prefetch([i for i in doc_ids if i in snap])
+        return self.version
+
+    def fetch(self, layer: int, doc_ids: Sequence[int], version: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """K, V [sum C, Hkv, D] of `doc_ids` at `layer`, concatenated in the given order, and C per doc."""
+        snap = self._snapshot(version)
+        layers = snap.fingerprint.routing_layers
+        if layer not in layers:
+            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {layers}")
+        r = layers.index(layer)
+        ks, vs, counts = [], [], []
+        for doc_id in doc_ids:
+            k, v = self._kv(int(doc_id), snap)
+            ks.append(k[r])
+            vs.append(v[r])
+            counts.append(int(k.shape[1]))
+        if not ks:
+            return torch.empty(0), torch.empty(0), []
+        return torch.cat(ks), torch.cat(vs), counts
+
+    def _kv(self, doc_id: int, snap: StoreSnapshot):
+        """From the hot tier when it holds this version's content of the document, else from `snap`."""
+        reader = self._reader
+        if reader is not None:
+            hot = reader.snapshot
+            if hot is snap or (doc_id in hot and doc_id in snap and hot.content_id(doc_id) == snap.content_id(doc_id)):
+                return reader.get(doc_id)
+        return snap.read_kv(doc_id)
+
+    def texts(self, doc_ids: Sequence[int], version: int, tenant: str) -> dict[int, str]:
+        """Raw texts of the documents of `tenant` live at `version`; other ids are left out."""
+        snap = self._snapshot(version)
+        return snap.texts([i for i in doc_ids if i in snap], tenant=tenant)
+
+    def stats(self) -> dict:
+        s = self._reader.stats() if self._reader is not None else None
+        return {"shard_id": self.shard_id, "version": self.version, "tier": None if s is None else s.__dict__}
