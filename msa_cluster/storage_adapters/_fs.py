@@ -53,7 +53,12 @@ class StoreFS:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         if not isinstance(url, str) or not url:
             raise ValueError(f"store url must be a non-empty string, got {url!r}")
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if url.startswith(("s3://", "s3a://")):
+            # s3fs answers whole-file reads from a cached listing if it has one, which would hide
+            # manifest versions other writers created since: never cache listings
+            options.setdefault("use_listings_cache", False)
+        fs, root = fsspec.core.url_to_fs(url, **options)
         self.fs = fs
         self.url = url
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
@@ -89,7 +94,18 @@ class StoreFS:
         if self.kind == "local":
             with open(self.path(rel), "rb") as f:
                 return f.read()
+        if self.kind == "s3":
+            return self._s3_read(rel)
         return self.fs.cat_file(self.path(rel))
+
+    def _s3_read(self, rel: str) -> bytes:
+        # an open-ended range is one GET; a plain cat_file first asks for the size (a HEAD)
+        try:
+            return self.fs.cat_file(self.path(rel), start=0)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            return self.fs.cat_file(self.path(rel))  # an empty object has no byte 0 to range over
 
     def read_range(self, rel: str, start: int, length: int) -> bytearray:
         """Bytes [start, start + length) as a private writable buffer (short if the file is)."""
@@ -121,7 +137,7 @@ class StoreFS:
                 if os.fstat(f.fileno()).st_size == 0:
                     return bytearray()
                 return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return bytearray(self.fs.cat_file(self.path(rel)))
+        return bytearray(self.read(rel))
 
     def size(self, rel: str) -> int:
         if self.kind == "local":
@@ -143,15 +159,20 @@ class StoreFS:
                 return []
             out = []
             for e in entries:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out.append(FileStat(e.name, st.st_size, st.st_mtime))
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.append(FileStat(e.name, st.st_size, st.st_mtime))
+                except FileNotFoundError:  # removed since the scan (a commit's temp file)
+                    continue
             return out
         self.fs.invalidate_cache(full)
         try:
             infos = self.fs.ls(full, detail=True)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(full)
         out = []
         for info in infos:
             if info.get("type") != "file":

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from msa_cluster.storage_adapters._format import RouterFile, decode_content_range, decode_docs, decode_text_range
 from msa_cluster.storage_adapters.errors import CommitConflictError, CorruptStoreError, SnapshotExpiredError
 from msa_cluster.storage_adapters.manifest import MANIFEST_DIR, Manifest, SegmentRef, manifest_path
+from msa_cluster.types import EncodedDocument
 
 if TYPE_CHECKING:
     from msa_cluster.storage_adapters.store import CommitResult, MemoryStore
@@ -44,6 +45,57 @@ def _pick(m: Manifest, small: int) -> list[SegmentRef]:
     return [s for s in m.segments if s.id in picked]
 
 
+def _segment_docs(store: "MemoryStore", seg: SegmentRef, bufs: dict, dead: frozenset = frozenset()):
+    """Yield (document, (K/V CRC, router CRC)) of a segment's rows not in `dead`, checksum-verified,
+    decoded from the bytes of its three files."""
+    names = {k: store._fs.display(ref.path) for k, ref in seg.files.items()}
+    docs = decode_docs(seg.id, bufs["docs"], names["docs"])
+    router = RouterFile(docs, bufs["router"], store.layout, names["router"])
+    for i, row in enumerate(docs.rows):
+        if row.doc_id in dead:
+            continue
+        k, v = decode_content_range(row, bufs["content"], row.content_offset, store.layout, names["content"])
+        text = None
+        if row.text_length >= 0:
+            raw = bufs["content"][row.text_offset : row.text_offset + row.text_length]
+            text = decode_text_range(row, raw, names["content"])
+        doc = EncodedDocument(
+            doc_id=row.doc_id,
+            keys=k,
+            values=v,
+            router_keys=router.doc(i),
+            num_tokens=row.num_tokens,
+            routing_layers=store.layout.routing_layers,
+            text=text,
+            tenant=row.tenant,
+            source=row.source,
+            metadata=row.metadata_dict,
+        )
+        yield doc, (row.content_crc, row.router_crc)
+
+
+def _rewrite(store: "MemoryStore", cands: list[SegmentRef], m: Manifest):
+    """Stream the live rows of `cands` into new segments; memory holds about one segment of each."""
+    written, pending, crcs, size = [], [], [], 0
+    try:
+        for seg in cands:
+            # every file is checked whole first: a corrupt file is never copied into a new segment
+            bufs = {kind: store._cache.read_verified(ref) for kind, ref in seg.files.items()}
+            for doc, crc in _segment_docs(store, seg, bufs, m.tombstones.get(seg.id, frozenset())):
+                pending.append(doc)
+                crcs.append(crc)
+                size += 3 * doc.keys.numel() * doc.keys.element_size()
+                if size >= store.config.max_segment_bytes:
+                    written += store._write_segments(pending, crcs)
+                    pending, crcs, size = [], [], 0
+        if pending:
+            written += store._write_segments(pending, crcs)
+    except BaseException:
+        store._discard(seg for seg, _ in written)
+        raise
+    return written
+
+
 def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitResult":
     from msa_cluster.storage_adapters.store import CommitResult, _Restart
 
@@ -54,18 +106,8 @@ def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitRes
         cands = _pick(m, small)
         if not cands:
             return CommitResult(version=m.version)
-        for seg in cands:  # never propagate a corrupt file into a new segment
-            for ref in seg.files.values():
-                store._cache.read_verified(ref)
         cand_ids = {s.id for s in cands}
-        rows = [
-            row
-            for seg in cands
-            for row in store._cache.docs(seg).rows
-            if row.doc_id not in m.tombstones.get(seg.id, frozenset())
-        ]
-        docs = snap.documents([r.doc_id for r in rows])
-        written = store._write_segments(docs, [(r.content_crc, r.router_crc) for r in rows]) if docs else []
+        written = _rewrite(store, cands, m)
 
         def build(base: Manifest):
             if not cand_ids <= {s.id for s in base.segments}:
@@ -115,7 +157,8 @@ def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: f
     once_used = set().union(set(), *(manifests[v].files() for v in dropped)) - referenced
     for v in dropped:  # oldest first: a crash here leaves a consistent suffix of versions
         fs.delete(manifest_path(v))
-        store._snapshots.pop(v, None)
+        with store._lock:
+            store._snapshots.pop(v, None)
     deleted = []
     for directory in ("segments", "artifacts"):
         for f in fs.list(directory):
@@ -134,17 +177,8 @@ def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: f
 
 
 # -------------------------------------------------------------------------------- verification
-def _verify_segment(store: "MemoryStore", seg: SegmentRef, bufs: dict[str, object]) -> int:
-    names = {k: store._fs.display(ref.path) for k, ref in seg.files.items()}
-    docs = decode_docs(seg.id, bufs["docs"], names["docs"])
-    router = RouterFile(docs, bufs["router"], store.layout, names["router"])
-    for i, row in enumerate(docs.rows):
-        router.check(i)
-        decode_content_range(row, bufs["content"], row.content_offset, store.layout, names["content"])
-        if row.text_length >= 0:
-            text = bufs["content"][row.text_offset : row.text_offset + row.text_length]
-            decode_text_range(row, text, names["content"])
-    return len(docs)
+def _verify_segment(store: "MemoryStore", seg: SegmentRef, bufs: dict) -> int:
+    return sum(1 for _ in _segment_docs(store, seg, bufs))
 
 
 def verify(store: "MemoryStore", version: int) -> VerifyReport:

@@ -250,7 +250,10 @@ class StoreSnapshot:
     def read_kv(self, doc_id: int, tenant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one document: each [R, C, Hkv, D] in the store dtype, from one range read.
 
-        Locally the tensors are zero-copy views of a private copy-on-write mmap of the segment.
+        Locally the tensors are zero-copy views of a copy-on-write mmap of the segment shared by
+        this store handle: treat them as read-only (clone before writing in place). A write never
+        reaches the file, and a later read of the document through this handle reports it as a
+        checksum error rather than returning changed values.
         """
         seg, _, row = self._row(doc_id, tenant)
         ref = seg.files["content"]

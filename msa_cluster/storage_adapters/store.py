@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -125,6 +126,8 @@ class MemoryStore:
         self.layout = TensorLayout.from_fingerprint(fingerprint)
         self._cache = SegmentCache(fs, self.layout)
         self._snapshots: OrderedDict[int, StoreSnapshot] = OrderedDict()
+        self._latest: Manifest | None = None  # the newest version this handle has seen
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -149,19 +152,20 @@ class MemoryStore:
         TensorLayout.from_fingerprint(fp)
         fs = StoreFS(url, dict(storage_options or {}))
         store = cls(fs, fp, config or StoreConfig())
-        if store._latest_version() is None:
+        if store._list_latest() is None:
             if not create:
                 raise StoreNotFoundError(f"no memory store at {url} (no {MANIFEST_DIR}/); pass create=True to make one")
             first = Manifest(version=0, fingerprint=fp, created_at=time.time(), operation="create")
             if fs.create_exclusive(first.path, first.to_json()):
                 log.info("created memory store %s", url)
-        found = normalize_fingerprint(store._manifest(store._latest_version()).fingerprint)
+        found = normalize_fingerprint(store._latest_manifest().fingerprint)
         if found != fp:
             raise FingerprintMismatchError(f"store {url} was encoded by model {found}, not by model {fp}")
         return store
 
     def close(self) -> None:
-        self._snapshots.clear()
+        with self._lock:
+            self._snapshots.clear()
 
     def __enter__(self) -> "MemoryStore":
         return self
@@ -175,67 +179,121 @@ class MemoryStore:
         names = (parse_manifest_name(f.name) for f in self._fs.list(MANIFEST_DIR))
         return sorted(v for v in names if v is not None)
 
-    def _latest_version(self) -> int | None:
-        versions = self.versions()
-        return versions[-1] if versions else None
-
-    def latest_version(self) -> int:
-        v = self._latest_version()
-        if v is None:
-            raise StoreNotFoundError(f"no memory store at {self.url}")
-        return v
-
-    def _manifest(self, version: int) -> Manifest:
-        snap = self._snapshots.get(version)
-        if snap is not None:
-            return snap.manifest
+    def _read_manifest(self, version: int) -> Manifest | None:
+        """Version `version`, or None if it does not exist (never committed, or collected)."""
         path = manifest_path(version)
         try:
             data = self._fs.read(path)
         except FileNotFoundError:
-            raise SnapshotExpiredError(f"store {self.url} has no version {version} (never committed or collected)") from None
+            return None
         m = Manifest.from_json(data, self._fs.display(path))
         if m.version != version:
             raise CorruptStoreError(f"manifest {self._fs.display(path)} says version {m.version}", (self._fs.display(path),))
         return m
 
+    def _list_latest(self) -> Manifest | None:
+        for _ in range(5):  # the listed latest can only vanish if it was superseded and collected meanwhile
+            versions = self.versions()
+            if not versions:
+                return None
+            m = self._read_manifest(versions[-1])
+            if m is not None:
+                return self._note(m)
+        raise CommitConflictError(f"store {self.url}: versions kept vanishing while looking for the latest")
+
+    def _note(self, m: Manifest) -> Manifest:
+        with self._lock:
+            if self._latest is None or m.version > self._latest.version:
+                self._latest = m
+        return m
+
+    def _latest_manifest(self) -> Manifest:
+        """The latest version, found by probing forward from the last one this handle saw.
+
+        Versions are contiguous from the oldest kept one to the latest (N+1 is only ever created
+        by a writer that read N, and gc removes the oldest first), so galloping forward and then
+        bisecting finds it in O(log new versions) small GETs, with no listing. A listing is used
+        on the first call and when the version this handle knew has been collected.
+        """
+        known = self._latest
+        if known is None:
+            m = self._list_latest()
+            if m is None:
+                raise StoreNotFoundError(f"no memory store at {self.url}")
+            return m
+        nxt = self._read_manifest(known.version + 1)
+        if nxt is None:
+            if self._fs.exists(known.path):
+                return known
+            return self._list_latest() or known
+        lo, hi, step = nxt, None, 1
+        while hi is None:
+            cand = self._read_manifest(lo.version + step)
+            if cand is None:
+                hi = lo.version + step
+            else:
+                lo, step = cand, step * 2
+        while hi - lo.version > 1:
+            mid = (lo.version + hi) // 2
+            cand = self._read_manifest(mid)
+            if cand is None:
+                hi = mid
+            else:
+                lo = cand
+        return self._note(lo)
+
+    def latest_version(self) -> int:
+        return self._latest_manifest().version
+
+    def _manifest(self, version: int) -> Manifest:
+        with self._lock:
+            snap = self._snapshots.get(version)
+        if snap is not None:
+            return snap.manifest
+        m = self._read_manifest(version)
+        if m is None:
+            raise SnapshotExpiredError(f"store {self.url} has no version {version} (never committed or collected)")
+        return m
+
     def snapshot(self, version: int | None = None) -> StoreSnapshot:
         """Pin a version (the latest by default): every read through it sees that version only."""
-        for attempt in range(3):
-            v = self.latest_version() if version is None else int(version)
+        m = self._latest_manifest() if version is None else None
+        v = m.version if m is not None else int(version)
+        with self._lock:
             snap = self._snapshots.get(v)
             if snap is not None:
                 self._snapshots.move_to_end(v)
                 return snap
-            try:
-                snap = StoreSnapshot(self._manifest(v), self._fs, self._cache)
-            except FileNotFoundError:
-                if version is not None or attempt == 2:
-                    raise
-                continue
-            self._snapshots[v] = snap
+        snap = StoreSnapshot(m if m is not None else self._manifest(v), self._fs, self._cache)
+        with self._lock:
+            snap = self._snapshots.setdefault(v, snap)
             while len(self._snapshots) > 4:
                 self._snapshots.popitem(last=False)
-            return snap
-        raise AssertionError("unreachable")
+        return snap
 
     # ------------------------------------------------------------------ commit
     def _commit(self, operation: str, build: Callable[[Manifest], tuple[dict, CommitResult] | None]) -> CommitResult:
-        """Publish base.child(**changes) with compare-and-swap, rebuilding on the new base after a lost race."""
+        """Publish base.child(**changes) with compare-and-swap on the version number.
+
+        The first attempt builds on the latest version this handle has seen (no round trip); a lost
+        race refreshes the latest and rebuilds the change on it.
+        """
         delay = 0.002
+        base = self._latest or self._latest_manifest()
         for _ in range(self.config.commit_retries):
-            base = self._manifest(self.latest_version())
             plan = build(base)
             if plan is None:
                 return CommitResult(version=base.version)
             changes, result = plan
             new = base.child(operation, **changes)
             if self._fs.create_exclusive(new.path, new.to_json()):
+                self._note(new)
                 log.info("store %s: committed version %d (%s)", self.url, new.version, operation)
                 return CommitResult(**{**result.__dict__, "version": new.version})
             log.debug("store %s: lost the race for version %d; rebasing", self.url, new.version)
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.25)
+            base = self._latest_manifest()
         raise CommitConflictError(f"store {self.url}: gave up {operation} after {self.config.commit_retries} lost races")
 
     def _write_file(self, rel: str, data: Any) -> FileRef:

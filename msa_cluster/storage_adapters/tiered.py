@@ -93,6 +93,8 @@ class TieredKVReader:
                 return entry.keys, entry.values
             self._misses += 1
         k, v = snap.read_kv(doc_id, self.tenant)  # outside the lock: a cold read must not block hits
+        # own the bytes: the budget then is real RAM, and no entry pins a segment's memory map
+        k, v = k.clone(), v.clone()
         nbytes = k.numel() * k.element_size() * 2
         with self._lock:
             if snap is self._snapshot and doc_id not in self._hot and nbytes <= self.budget_bytes:

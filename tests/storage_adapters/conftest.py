@@ -55,9 +55,6 @@ def s3_server():
                 "key": "testing",
                 "secret": "testing",
             }
-            import s3fs
-
-            s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
             yield options
     finally:
         proc.terminate()
@@ -77,7 +74,11 @@ def _location(protocol: str, request, tmp_path) -> Location:
         request.addfinalizer(lambda: _clear_memory(url))
         return Location("memory", url)
     options = request.getfixturevalue("s3_server")
-    return Location("s3", f"s3://{BUCKET}/store-{name}", dict(options))
+    import s3fs
+
+    # a bucket per test: moto's listings scan the whole bucket
+    s3fs.S3FileSystem(**options).mkdir(f"{BUCKET}-{name}")
+    return Location("s3", f"s3://{BUCKET}-{name}/store", dict(options))
 
 
 def _clear_memory(url: str) -> None:

@@ -1,0 +1,154 @@
+"""Concurrent writers never lose a commit; concurrent readers always see one consistent version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from store_helpers import FP32, make_doc
+
+from msa_cluster.storage_adapters import MemoryStore
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _open(loc, create=False):
+    return MemoryStore.open(loc.url, FP32, create=create, storage_options=loc.storage_options)
+
+
+def _run_threads(targets) -> None:
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+                errors.append(e)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(t)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_thread_writers_never_lose_a_commit(location):
+    """Four threads with their own store handles commit 16 inserts at once: all 16 versions survive."""
+    _open(location, create=True)
+    versions = []
+
+    def writer(w: int):
+        def run():
+            store = _open(location)
+            for j in range(4):
+                versions.append(store.insert([make_doc(10 * w + j)]).version)
+
+        return run
+
+    _run_threads([writer(w) for w in range(4)])
+    store = _open(location)
+    assert sorted(versions) == list(range(1, 17))
+    assert store.latest_version() == 16 and store.versions() == list(range(17))
+    assert store.snapshot().doc_ids() == sorted(10 * w + j for w in range(4) for j in range(4))
+    store.verify()
+
+
+_WRITER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from store_helpers import FP32, make_doc
+from msa_cluster.storage_adapters import MemoryStore
+url, options, first = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+store = MemoryStore.open(url, FP32, storage_options=options)
+out = []
+for i in range(first, first + 4):
+    out.append(store.insert([make_doc(i)]).version)
+out.append(store.delete([first]).version)
+print(json.dumps(out))
+"""
+
+
+def test_concurrent_process_writers_never_lose_a_commit(shared_location):
+    """Two processes (say the API and an ingestion job) commit at once: every commit is kept."""
+    loc = shared_location
+    _open(loc, create=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, HERE, loc.url, json.dumps(loc.storage_options), str(first)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for first in (0, 100)
+    ]
+    versions = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        versions += json.loads(out)
+    assert sorted(versions) == list(range(1, 11))
+    snap = _open(loc).snapshot()
+    assert snap.doc_ids() == [i for first in (0, 100) for i in range(first + 1, first + 4)]
+
+
+def test_readers_see_one_consistent_version_during_insert_delete_compact(location):
+    """Readers racing inserts, updates, deletes and compactions always see exactly one version's documents."""
+    _open(location, create=True)
+    expected: dict[int, dict[int, int]] = {0: {}}  # version -> {doc id: seed}
+    seen: list[tuple[int, dict[int, int]]] = []
+    done = threading.Event()
+
+    def writer():
+        store, live = _open(location), {}
+        steps = [
+            ("insert", list(range(6)), 0),
+            ("delete", [1, 4], 0),
+            ("insert", list(range(6, 10)), 0),
+            ("compact", [], 0),
+            ("update", [0, 7], 3),
+            ("delete", [6], 0),
+            ("compact", [], 0),
+            ("insert", [1, 4], 9),
+        ]
+        try:
+            for op, ids, seed in steps:
+                if op in ("insert", "update"):
+                    r = store.insert([make_doc(i, seed=seed) for i in ids], replace=op == "update")
+                    live.update({i: seed for i in ids})
+                elif op == "delete":
+                    r = store.delete(ids)
+                    for i in ids:
+                        live.pop(i)
+                else:
+                    r = store.compact()
+                expected[r.version] = dict(live)
+        finally:
+            done.set()
+
+    def reader():
+        store = _open(location)
+        while not done.is_set() or len(seen) < 4:
+            snap = store.snapshot()
+            docs = snap.documents()
+            got = {}
+            for d in docs:
+                seed = int(d.text.rsplit(" ", 1)[1])
+                want = make_doc(d.doc_id, seed=seed)
+                assert all(getattr(d, t).equal(getattr(want, t)) for t in ("keys", "values", "router_keys"))
+                got[d.doc_id] = seed
+            rk = snap.router_keys()
+            assert rk.doc_ids.tolist() == sorted(got)
+            seen.append((snap.version, got))
+
+    _run_threads([writer, reader, reader])
+    assert len(expected) == 9
+    for version, got in seen:
+        assert got == expected[version], version
