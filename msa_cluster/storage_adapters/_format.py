@@ -25,7 +25,7 @@ import math
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,6 @@ __all__ = [
     "FORMAT_VERSION",
     "TensorLayout",
     "DocRow",
-    "EncodedSegment",
     "SegmentDocs",
     "RouterFile",
     "encode_segment",
@@ -186,30 +185,51 @@ _DOCS_FIELDS = [
 ]
 
 
-@dataclass
-class EncodedSegment:
-    """A segment ready to upload: the bytes of its three files and its docs rows."""
-
-    segment_id: str
-    files: dict[str, pa.Buffer]  # kind ("docs", "router", "content") -> file bytes
-    rows: list[DocRow]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.size for b in self.files.values())
-
-
 # ------------------------------------------------------------------------------------ writing
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """A tensor's raw bytes as a 1-D uint8 tensor (a view when already contiguous)."""
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def _serialize(batch: pa.RecordBatch) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue()
+def _u8np(t: torch.Tensor) -> np.ndarray:
+    """A tensor's raw bytes as a 1-D uint8 numpy array (numpy copies run at memcpy speed)."""
+    return _flat_bytes(t).numpy()
+
+
+# Arrays are built from and read through their buffers: pyarrow's Python-object and numpy
+# conversions import pandas (a second of start-up on a small machine) and are not needed here.
+_NP = {pa.int64(): np.int64, pa.uint32(): np.uint32}
+
+
+def _fixed_array(values: Sequence[int], type_: pa.DataType) -> pa.Array:
+    arr = np.asarray(values, dtype=_NP[type_])
+    return pa.Array.from_buffers(type_, len(arr), [None, pa.py_buffer(arr)])
+
+
+def _string_array(values: Sequence[str | None], type_: pa.DataType = pa.string()) -> pa.Array:
+    """string (int32 offsets) or large_string (int64) array; None becomes null."""
+    encoded = [v.encode("utf-8") if v is not None else b"" for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int64 if type_ == pa.large_string() else np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    validity = None
+    if any(v is None for v in values):
+        validity = pa.py_buffer(np.packbits(np.array([v is not None for v in values]), bitorder="little"))
+    nulls = sum(v is None for v in values)
+    return pa.Array.from_buffers(type_, len(values), [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))], nulls)
+
+
+def _read_fixed(arr: pa.Array) -> np.ndarray:
+    return np.frombuffer(arr.buffers()[1], dtype=_NP[arr.type])[arr.offset : arr.offset + len(arr)]
+
+
+def _read_strings(arr: pa.Array) -> list[str]:
+    if arr.null_count:
+        raise ValueError(f"unexpected nulls in a {arr.type} column")
+    width = np.int64 if arr.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    raw = data.to_pybytes() if data is not None else b""
+    return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 def _binary_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
@@ -236,48 +256,47 @@ def _open_batch(buf: Any, name: str) -> tuple[pa.RecordBatch, int]:
     return batch, pbuf.address
 
 
-def _encode_content(segment_id, docs, layout: TensorLayout, kv_lens: np.ndarray, known: list[int] | None):
+def _encode_content(segment_id, docs, layout: TensorLayout, kv_lens: np.ndarray, known, write):
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(kv_lens, out=offsets[1:])
     data = np.empty(int(offsets[-1]), dtype=np.uint8)
-    dst = torch.from_numpy(data)
     crcs = []
     for i, d in enumerate(docs):
         o, half = int(offsets[i]), int(kv_lens[i]) // 2
-        dst[o : o + half].copy_(_flat_bytes(d.keys))
-        dst[o + half : o + 2 * half].copy_(_flat_bytes(d.values))
+        np.copyto(data[o : o + half], _u8np(d.keys))
+        np.copyto(data[o + half : o + 2 * half], _u8np(d.values))
         crcs.append(known[i] if known is not None else crc32(data[o : o + 2 * half]))
-    texts = pa.array([d.text for d in docs], type=pa.large_string())
-    ids = pa.array([d.doc_id for d in docs], type=pa.int64())
+    texts = _string_array([d.text for d in docs], pa.large_string())
+    ids = _fixed_array([d.doc_id for d in docs], pa.int64())
     batch = pa.record_batch([ids, _binary_column(data, offsets), texts], names=["doc_id", "kv", "text"])
     batch = batch.replace_schema_metadata(layout.segment_meta(segment_id, "content"))
-    buf = _serialize(batch)
+    buf = write("content", batch)
     parsed, base = _open_batch(buf, f"{segment_id}.content.arrow")
     kv_start = parsed.column("kv").buffers()[2].address - base
     text_col = parsed.column("text")
     text_offsets = _offsets(text_col)
     text_data = text_col.buffers()[2]
     text_start = (text_data.address - base) if text_data is not None else 0
-    return buf, offsets[:-1] + kv_start, crcs, text_start + text_offsets[:-1], np.diff(text_offsets)
+    return offsets[:-1] + kv_start, crcs, text_start + text_offsets[:-1], np.diff(text_offsets)
 
 
-def _encode_router(segment_id, docs, layout: TensorLayout, chunks: np.ndarray, known: list[int] | None):
+def _encode_router(segment_id, docs, layout: TensorLayout, chunks: np.ndarray, known, write):
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(chunks * layout.chunk_bytes, out=offsets[1:])
     crcs = [0] * len(docs)
-    columns, names = [pa.array([d.doc_id for d in docs], type=pa.int64())], ["doc_id"]
+    columns, names = [_fixed_array([d.doc_id for d in docs], pa.int64())], ["doc_id"]
     for r, layer in enumerate(layout.routing_layers):
         data = np.empty(int(offsets[-1]), dtype=np.uint8)
-        dst = torch.from_numpy(data)
         for i, d in enumerate(docs):
             a, b = int(offsets[i]), int(offsets[i + 1])
-            dst[a:b].copy_(_flat_bytes(d.router_keys[r]))
+            np.copyto(data[a:b], _u8np(d.router_keys[r]))
             if known is None:
                 crcs[i] = crc32(data[a:b], crcs[i])
         columns.append(_binary_column(data, offsets))
         names.append(f"rk_{layer}")
     batch = pa.record_batch(columns, names=names).replace_schema_metadata(layout.segment_meta(segment_id, "router"))
-    return _serialize(batch), (crcs if known is None else list(known))
+    write("router", batch)
+    return crcs if known is None else list(known)
 
 
 def doc_checksums(doc: EncodedDocument) -> tuple[int, int]:
@@ -293,11 +312,14 @@ def encode_segment(
     segment_id: str,
     docs: Sequence[EncodedDocument],
     layout: TensorLayout,
+    write: Callable[[str, pa.RecordBatch], Any],
     checksums: Sequence[tuple[int, int]] | None = None,
-) -> EncodedSegment:
+) -> list[DocRow]:
     """Encode documents (already checked with `layout.check`) into one segment's three files.
 
-    checksums: each document's `doc_checksums`, when the caller computed them already.
+    write(kind, batch) stores `batch` as the one-batch IPC file of `kind` ("content", "router",
+    "docs", in that order) and returns the file's bytes as stored (the content file's are parsed
+    to find where each document landed). checksums: each document's `doc_checksums`, if known.
     """
     if not docs:
         raise ValueError("a segment needs at least one document")
@@ -305,8 +327,8 @@ def encode_segment(
     kv_lens = 2 * len(layout.routing_layers) * chunks * layout.chunk_bytes
     kv_known = [c[0] for c in checksums] if checksums is not None else None
     rk_known = [c[1] for c in checksums] if checksums is not None else None
-    content, kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens, kv_known)
-    router, rk_crcs = _encode_router(segment_id, docs, layout, chunks, rk_known)
+    kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens, kv_known, write)
+    rk_crcs = _encode_router(segment_id, docs, layout, chunks, rk_known, write)
     rows = []
     for i, d in enumerate(docs):
         has_text = d.text is not None
@@ -329,9 +351,10 @@ def encode_segment(
             )
         )
     cols = {name: [getattr(r, name) for r in rows] for name, _ in _DOCS_FIELDS}
-    table = pa.record_batch([pa.array(cols[n], type=t) for n, t in _DOCS_FIELDS], names=[n for n, _ in _DOCS_FIELDS])
-    docs_buf = _serialize(table.replace_schema_metadata(layout.segment_meta(segment_id, "docs")))
-    return EncodedSegment(segment_id, {"docs": docs_buf, "router": router, "content": content}, rows)
+    arrays = [_string_array(cols[n]) if t == pa.string() else _fixed_array(cols[n], t) for n, t in _DOCS_FIELDS]
+    table = pa.record_batch(arrays, names=[n for n, _ in _DOCS_FIELDS])
+    write("docs", table.replace_schema_metadata(layout.segment_meta(segment_id, "docs")))
+    return rows
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -352,7 +375,15 @@ def decode_docs(segment_id: str, buf: Any, name: str) -> SegmentDocs:
     want = [n for n, _ in _DOCS_FIELDS]
     if batch.schema.names != want:
         raise CorruptStoreError(f"segment file {name} has columns {batch.schema.names}, expected {want}", (name,))
-    cols = [batch.column(n).to_pylist() for n in want]
+    if [f.type for f in batch.schema] != [t for _, t in _DOCS_FIELDS]:
+        raise CorruptStoreError(f"segment file {name} has column types {batch.schema.types}", (name,))
+    try:
+        cols = [
+            _read_strings(batch.column(n)) if t == pa.string() else _read_fixed(batch.column(n)).tolist()
+            for n, t in _DOCS_FIELDS
+        ]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptStoreError(f"segment file {name} has an unreadable column: {e}", (name,)) from e
     rows = tuple(DocRow(*values) for values in zip(*cols))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(np.array([r.num_chunks for r in rows], dtype=np.int64), out=offsets[1:])
@@ -384,7 +415,7 @@ class RouterFile:
         batch, base = _open_batch(buf, name)
         _check_meta(batch, layout, name, "router")
         self.name, self.docs, self.layout = name, docs, layout
-        ids = batch.column("doc_id").to_numpy()
+        ids = _read_fixed(batch.column("doc_id"))
         if len(ids) != len(docs) or any(int(a) != r.doc_id for a, r in zip(ids, docs.rows)):
             raise CorruptStoreError(f"segment file {name}: document ids differ from the docs table", (name,))
         total = int(docs.chunk_offsets[-1])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 __all__ = ["StoreFS", "FileStat"]
 
@@ -201,6 +202,31 @@ class StoreFS:
         # bytes: the memory fs keeps the object (never alias a caller's buffer), and botocore
         # accepts only bytes, bytearray or files as a body
         self.fs.pipe_file(full, bytes(data) if not isinstance(data, bytes) else data)
+
+    def write_ipc(self, rel: str, batch: pa.RecordBatch) -> Any:
+        """Write a one-batch Arrow IPC file; returns its bytes as stored.
+
+        Locally the file is written straight from the batch's buffers (no in-memory copy),
+        fsynced, and mapped back; elsewhere it is serialized in memory and uploaded in one PUT
+        (or a multipart upload for big files).
+        """
+        if self.kind == "local":
+            full = self.path(rel)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with pa.OSFile(full, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self.map(rel)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        data = sink.getvalue()
+        self.write(rel, data)
+        return data
 
     def sync_dir(self, rel_dir: str) -> None:
         """Make new names in a local directory durable; a no-op elsewhere."""

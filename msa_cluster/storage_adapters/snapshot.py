@@ -83,6 +83,11 @@ class RouterKeys:
         return len(self.tenants)
 
 
+def _bytes_view(t: torch.Tensor) -> np.ndarray:
+    """[C, Hkv, D] tensor -> [C, Hkv * D * itemsize] uint8 numpy view of the same memory."""
+    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+
+
 class SegmentCache:
     """Immutable segment data shared by the snapshots of one store object (thread-safe).
 
@@ -338,15 +343,19 @@ class StoreSnapshot:
             by_segment.setdefault(seg.id, []).append(j)
         for seg_id, js in by_segment.items():
             rf = self._guard(self._cache.router, self._segments[seg_id])
-            src, dst = [], []
+            runs: list[list[int]] = []  # [src_start, dst_start, n_chunks]: adjacent documents coalesced
             for j in js:
                 i = picked[j][1]
                 rf.check(i)
-                src.append(torch.arange(int(rf.docs.chunk_offsets[i]), int(rf.docs.chunk_offsets[i + 1])))
-                dst.append(torch.arange(int(offsets[j]), int(offsets[j + 1])))
-            src_t, dst_t = torch.cat(src), torch.cat(dst)
+                a, n = int(rf.docs.chunk_offsets[i]), picked[j][2].num_chunks
+                if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == offsets[j]:
+                    runs[-1][2] += n
+                else:
+                    runs.append([a, int(offsets[j]), n])
             for r, layer_keys in enumerate(rf.layers):
-                keys[r].index_copy_(0, dst_t, layer_keys.index_select(0, src_t))
+                src, dst = _bytes_view(layer_keys), _bytes_view(keys[r])
+                for a, b, n in runs:  # numpy copies run at memcpy speed
+                    np.copyto(dst[b : b + n], src[a : a + n])
         return RouterKeys(
             keys=keys,
             doc_offsets=torch.from_numpy(offsets),

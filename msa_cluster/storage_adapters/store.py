@@ -296,14 +296,29 @@ class MemoryStore:
             base = self._latest_manifest()
         raise CommitConflictError(f"store {self.url}: gave up {operation} after {self.config.commit_retries} lost races")
 
+    def _check_readback(self, rel: str, size: int, crc: int) -> None:
+        back = self._fs.map(rel)
+        if len(back) != size or crc32(back) != crc:
+            raise CorruptStoreError(f"file {self._fs.display(rel)} does not read back as written", (self._fs.display(rel),))
+
     def _write_file(self, rel: str, data: Any) -> FileRef:
         crc = crc32(data)
         self._fs.write(rel, data)
         if self.config.verify_writes:
-            back = self._fs.map(rel)
-            if len(back) != len(data) or crc32(back) != crc:
-                raise CorruptStoreError(f"file {self._fs.display(rel)} does not read back as written", (self._fs.display(rel),))
+            self._check_readback(rel, len(data), crc)
         return FileRef(rel, len(data), crc)
+
+    def _write_batch(self, rel: str, batch: Any) -> tuple[Any, FileRef]:
+        """Store a one-batch Arrow IPC file; returns its bytes as stored and its FileRef.
+
+        Locally the CRC32 is taken from the written file itself (mapped back after the fsync), so
+        the file is always verified; elsewhere `verify_writes` downloads it again to check.
+        """
+        buf = self._fs.write_ipc(rel, batch)
+        ref = FileRef(rel, len(buf), crc32(buf))
+        if self.config.verify_writes and self._fs.kind != "local":
+            self._check_readback(rel, ref.size, ref.crc32)
+        return buf, ref
 
     def _write_segments(self, docs: list[EncodedDocument], crcs: list[tuple[int, int]]) -> list[tuple[SegmentRef, list[DocRow]]]:
         """Upload docs as segments of at most max_segment_bytes; returns them (not yet committed)."""
@@ -315,13 +330,25 @@ class MemoryStore:
                 size = 0
             groups[-1].append(i)
             size += nbytes
-        out = []
-        for group in groups:
-            seg_id = _new_id()
-            enc = encode_segment(seg_id, [docs[i] for i in group], self.layout, [crcs[i] for i in group])
-            files = {kind: self._write_file(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", buf) for kind, buf in enc.files.items()}
-            chunks = sum(r.num_chunks for r in enc.rows)
-            out.append((SegmentRef(seg_id, len(enc.rows), chunks, files), enc.rows))
+        out: list[tuple[SegmentRef, list[DocRow]]] = []
+        try:
+            for group in groups:
+                seg_id, files = _new_id(), {}
+
+                def write(kind: str, batch: Any) -> Any:
+                    buf, files[kind] = self._write_batch(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", batch)
+                    return buf
+
+                try:
+                    rows = encode_segment(seg_id, [docs[i] for i in group], self.layout, write, [crcs[i] for i in group])
+                except BaseException:
+                    self._discard([SegmentRef(seg_id, 0, 0, files)])
+                    raise
+                chunks = sum(r.num_chunks for r in rows)
+                out.append((SegmentRef(seg_id, len(rows), chunks, files), rows))
+        except BaseException:
+            self._discard(seg for seg, _ in out)
+            raise
         self._fs.sync_dir(SEGMENT_DIR)
         return out
 

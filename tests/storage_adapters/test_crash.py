@@ -32,8 +32,13 @@ def wait_for_kill():
     print("READY", flush=True)
     time.sleep(120)
 
-def half_written_segment(self, rel, data):
-    half = bytes(data)[: len(data) // 2]
+def half_written_segment(self, rel, batch):
+    import pyarrow as pa
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as w:
+        w.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    half = data[: len(data) // 2]
     if self.kind == "local":
         os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
         with open(self.path(rel), "wb") as f:
@@ -56,7 +61,7 @@ def half_written_manifest(self, rel, data):
     wait_for_kill()  # on S3 the conditional PUT of the manifest is never sent
 
 if phase == "segment":
-    _fs.StoreFS.write = half_written_segment
+    _fs.StoreFS.write_ipc = half_written_segment
 else:
     _fs.StoreFS.create_exclusive = half_written_manifest
 store.insert([make_doc(i) for i in range(3, 6)])
