@@ -14,6 +14,9 @@ Reproducibility: a document's score must not depend on which other documents sha
 or distributed selections would differ from local ones. The reference path therefore scores
 in fixed-width chunk tiles (one GEMM shape for every tile of every shard) in float64 and rounds
 to float32 once, after the token reduction; top-k orders by (score desc, doc id asc).
+The Triton path (CUDA) scores in float32 with fixed tiles and a fixed reduction order over the
+inner-product axis, never TF32: within fp32 rounding of the reference, and bit-identical for a
+chunk wherever it sits, so selections are reproducible on one device class.
 """
 
 from __future__ import annotations
@@ -23,11 +26,41 @@ from typing import Sequence
 
 import torch
 
+from msa_cluster.kernels._common import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    INDEX_DTYPES,
+    check_tensor,
+    require_triton,
+    use_triton,
+)
 from msa_cluster.types import RoutingQuery, RoutingSpec, ScoredDoc
 
-__all__ = ["prepare_queries", "normalize_heads", "doc_scores", "doc_scores_ref", "select_top_k", "merge_top_k"]
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "prepare_queries",
+    "normalize_heads",
+    "chunk_scores_ref",
+    "chunk_scores_triton",
+    "doc_scores",
+    "doc_scores_ref",
+    "doc_scores_triton",
+    "select_top_k",
+    "merge_top_k",
+]
 
 TILE = 256  # chunks per scoring tile: fixed so that every tile of every shard runs the same GEMM
+
+# Triton tiles. Fixed, never derived from the number of chunks: a chunk's score is computed by
+# the same instructions in the same order wherever it sits in a shard of any size.
+_BLOCK_T = 16  # query tokens per step
+_BLOCK_C = 64  # chunks per program
+_BLOCK_K = 32  # inner-product width per step (the fixed K-axis reduction order)
+_BLOCK_DOC = 64  # chunks per step of the chunk -> document reduction
+_SCORE_WARPS = 8  # no register spills at these tiles on sm_80 / sm_90 (ptxas reports)
 
 
 def normalize_heads(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -79,20 +112,6 @@ def _reduce_tokens(s: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tenso
     return out.masked_fill((last < 0).unsqueeze(-1), -math.inf)
 
 
-def chunk_scores_ref(query: RoutingQuery, router_keys: torch.Tensor) -> torch.Tensor:
-    """[B, C] float32 chunk scores of router_keys [C, Hkv, D] (cosine: pass normalised keys)."""
-    B, C = query.batch_size, router_keys.shape[0]
-    out = torch.empty(B, C, dtype=torch.float32, device=router_keys.device)
-    for start in range(0, C, TILE):
-        tile = router_keys[start : start + TILE]
-        n = tile.shape[0]
-        if n < TILE:  # pad so that the GEMM shape is the same for every tile
-            tile = torch.cat([tile, tile.new_zeros(TILE - n, *tile.shape[1:])])
-        s = _token_scores(query, tile)
-        out[:, start : start + n] = _reduce_tokens(s, query.mask, query.spec.query_reduce)[:, :n].float()
-    return out
-
-
 def _reduce_chunks(chunk: torch.Tensor, doc_offsets: torch.Tensor, how: str) -> torch.Tensor:
     """chunk [B, C] -> [B, N] by contiguous document ranges doc_offsets [N + 1]."""
     lengths = (doc_offsets[1:] - doc_offsets[:-1]).to(chunk.device)
@@ -108,6 +127,198 @@ def _reduce_chunks(chunk: torch.Tensor, doc_offsets: torch.Tensor, how: str) -> 
     return (total / lengths.double()).float()
 
 
+def _last_token(query: RoutingQuery) -> tuple[torch.Tensor, torch.Tensor]:
+    """query_reduce "last" as a one-token max: vectors [B, 1, Hr, D] of each row's last routing
+    token and mask [B, 1] (False for a row with no routing token)."""
+    mask = query.mask
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, idx, -1).amax(dim=1)  # [B]
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return query.vectors[rows, last.clamp_min(0)].unsqueeze(1), (last >= 0).unsqueeze(1)
+
+
+def _check_doc_offsets(doc_offsets: object, num_chunks: int) -> torch.Tensor:
+    """Validate doc_offsets [N + 1]: starts at 0, non-decreasing, ends at num_chunks."""
+    check_tensor("doc_offsets", doc_offsets, shape="[N + 1]", ndim=1, dtypes=INDEX_DTYPES, contiguous=False)
+    off = doc_offsets.cpu()
+    if off.numel() == 0 or int(off[0]) != 0 or int(off[-1]) != num_chunks:
+        shown = off.tolist()[:8]
+        raise ValueError(f"doc_offsets must run from 0 to C={num_chunks}, got {shown}... ({off.numel()} entries)")
+    if bool((off[1:] < off[:-1]).any()):
+        raise ValueError("doc_offsets must be non-decreasing")
+    return doc_offsets
+
+
+if HAS_TRITON:
+
+    # C (and N) are not specialised on: every shard size runs the same compiled code
+    @triton.jit(do_not_specialize=["C"])
+    def _chunk_score_kernel(
+        q_ptr,  # [B, T, HR, W] float32
+        mask_ptr,  # [B, T] int8, 1 on routing tokens
+        k_ptr,  # [C, HKV, W]
+        out_ptr,  # [B, C] float32
+        T,
+        C,
+        HR,
+        HKV,
+        W,
+        TOKEN_MEAN: tl.constexpr,  # reduce tokens by masked mean (else max)
+        BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """One program: BLOCK_C chunks of one query row. Folded routing comes in as HR = HKV = 1,
+        W = Hkv * D; unfolded as HR = H heads of width W = D, head h reading kv head h // (HR // HKV)."""
+        pid_c = tl.program_id(0)
+        b = tl.program_id(1)
+        G = HR // HKV
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        # addresses are a 64-bit scalar base plus small int32 offsets, which keeps registers free
+        q_off = tl.arange(0, BLOCK_T)[:, None] * (HR * W) + tl.arange(0, BLOCK_K)[None, :]
+        k_off = tl.arange(0, BLOCK_C)[:, None] * (HKV * W) + tl.arange(0, BLOCK_K)[None, :]
+        k_tile = pid_c.to(tl.int64) * BLOCK_C * HKV * W
+        best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < T
+            routed = tl.load(mask_ptr + b.to(tl.int64) * T + offs_t, mask=t_ok, other=0) != 0
+            s = tl.full([BLOCK_T, BLOCK_C], float("-inf"), dtype=tl.float32)  # head-max of scores
+            for h in range(0, HR):
+                q_row = ((b.to(tl.int64) * T + t0) * HR + h) * W
+                k_head = k_tile + (h // G) * W
+                acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+                for k0 in range(0, W, BLOCK_K):  # fixed order over the inner-product axis
+                    k_ok = (k0 + tl.arange(0, BLOCK_K)) < W
+                    q = tl.load(q_ptr + q_row + k0 + q_off, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+                    key = tl.load(k_ptr + k_head + k0 + k_off, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+                    key = key.to(tl.float32)  # widen right after the load (bf16 is exact so under the interpreter)
+                    acc += tl.dot(q, tl.trans(key), input_precision="ieee")  # never TF32
+                s = tl.maximum(s, acc)
+            if TOKEN_MEAN:
+                total += tl.sum(tl.where(routed[:, None], s, 0.0), axis=0)
+                count += tl.sum(routed.to(tl.float32), axis=0)
+            else:
+                best = tl.maximum(best, tl.max(tl.where(routed[:, None], s, float("-inf")), axis=0))
+        if TOKEN_MEAN:
+            best = tl.where(count > 0, total / tl.maximum(count, 1.0), float("-inf"))
+        tl.store(out_ptr + b.to(tl.int64) * C + offs_c, best, mask=c_ok)
+
+    @triton.jit(do_not_specialize=["C", "N"])
+    def _doc_reduce_kernel(
+        chunk_ptr,  # [B, C] float32
+        off_ptr,  # [N + 1] int64
+        out_ptr,  # [B, N] float32
+        C,
+        N,
+        CHUNK_MEAN: tl.constexpr,  # reduce a document's chunks by mean (float64 sum), else max
+        BLOCK: tl.constexpr,
+    ):
+        """One program: one document of one query row, its chunks read in a fixed order from its start."""
+        n = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        start = tl.load(off_ptr + n)
+        end = tl.load(off_ptr + n + 1)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK], dtype=tl.float64)
+        for c0 in range(start, end, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            ok = offs < end
+            x = tl.load(chunk_ptr + b * C + offs, mask=ok, other=float("-inf"))
+            if CHUNK_MEAN:
+                total += tl.where(ok, x.to(tl.float64), 0.0)
+            else:
+                best = tl.maximum(best, x)
+        if CHUNK_MEAN:  # an empty document gives 0 / 0 = nan, like the reference
+            res = (tl.sum(total, axis=0) / (end - start).to(tl.float64)).to(tl.float32)
+        else:
+            res = tl.max(best, axis=0)
+        tl.store(out_ptr + b * N + n, res)
+
+
+def chunk_scores_triton(query: RoutingQuery, router_keys: torch.Tensor) -> torch.Tensor:
+    """Triton launcher with `chunk_scores_ref` semantics: [B, C] float32 chunk scores.
+
+    router_keys: [C, Hkv, D] float32/bfloat16/float16, contiguous, on the query's device (CUDA,
+    or CPU under the Triton interpreter). Scores are fp32 (no TF32), within fp32 rounding of the
+    float64 reference, and bit-reproducible on one device class: a chunk's score depends only on
+    the query and that chunk, never on its offset or on the number of chunks.
+    """
+    vectors, mask = query.vectors, query.mask
+    dev = vectors.device
+    check_tensor("query.vectors", vectors, shape="[B, T, Hr, D]", ndim=4, dtypes=(torch.float32,))
+    check_tensor("query.mask", mask, shape="[B, T]", ndim=2, dtypes=(torch.bool,), device=dev, contiguous=False)
+    check_tensor("router_keys", router_keys, shape="[C, Hkv, D]", ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+    B, T, Hr, D = vectors.shape
+    C, Hkv, Dk = router_keys.shape
+    if Dk != D:
+        raise ValueError(f"router_keys head dim {Dk} != query head dim {D}")
+    if query.folded and Hr != Hkv:
+        raise ValueError(f"folded query has {Hr} kv-head slices, router_keys has {Hkv} kv heads")
+    if not query.folded and (Hkv == 0 or Hr != query.spec.group * Hkv):
+        raise ValueError(f"unfolded query has {Hr} heads, expected group {query.spec.group} x {Hkv} kv heads")
+    if B > 65535:
+        raise ValueError(f"at most 65535 query rows per launch, got B={B}")
+    out = torch.empty(B, C, dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return out
+    require_triton()
+    if query.spec.query_reduce == "last":
+        vectors, mask = _last_token(query)
+        T = 1
+    hr, hkv, w = (1, 1, Hkv * D) if query.folded else (Hr, Hkv, D)  # folded: one Hkv*D-wide product
+    grid = (triton.cdiv(C, _BLOCK_C), B)
+    _chunk_score_kernel[grid](
+        vectors.contiguous(), mask.to(torch.int8).contiguous(), router_keys, out, T, C, hr, hkv, w,
+        TOKEN_MEAN=query.spec.query_reduce == "mean", BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, BLOCK_K=_BLOCK_K,
+        num_warps=_SCORE_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def doc_scores_triton(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
+    """Triton launcher with `doc_scores_ref` semantics: [B, N] float32 document scores.
+
+    Cosine keys are normalised in torch (per chunk, so position-independent), chunks are scored
+    by `chunk_scores_triton`, and each document's chunks are reduced by one program in a fixed
+    order (max, or a float64 mean), so a document's score never depends on its neighbours.
+    """
+    check_tensor("router_keys", router_keys, shape="[C, Hkv, D]", ndim=3, dtypes=FLOAT_DTYPES)
+    C = router_keys.shape[0]
+    _check_doc_offsets(doc_offsets, C)
+    B, N = query.batch_size, doc_offsets.numel() - 1
+    if C == 0:  # every document is empty: nothing can be selected
+        return torch.full((B, N), -math.inf, dtype=torch.float32, device=router_keys.device)
+    keys = normalize_heads(router_keys) if query.spec.similarity == "cosine" else router_keys
+    chunk = chunk_scores_triton(query, keys.contiguous())
+    out = torch.empty(B, N, dtype=torch.float32, device=chunk.device)
+    if out.numel() == 0:
+        return out
+    require_triton()
+    offsets = doc_offsets.to(device=chunk.device, dtype=torch.int64).contiguous()
+    _doc_reduce_kernel[(N, B)](
+        chunk, offsets, out, C, N, CHUNK_MEAN=query.spec.chunk_reduce == "mean", BLOCK=_BLOCK_DOC
+    )
+    return out
+
+
+def chunk_scores_ref(query: RoutingQuery, router_keys: torch.Tensor) -> torch.Tensor:
+    """[B, C] float32 chunk scores of router_keys [C, Hkv, D] (cosine: pass normalised keys)."""
+    B, C = query.batch_size, router_keys.shape[0]
+    out = torch.empty(B, C, dtype=torch.float32, device=router_keys.device)
+    for start in range(0, C, TILE):
+        tile = router_keys[start : start + TILE]
+        n = tile.shape[0]
+        if n < TILE:  # pad so that the GEMM shape is the same for every tile
+            tile = torch.cat([tile, tile.new_zeros(TILE - n, *tile.shape[1:])])
+        s = _token_scores(query, tile)
+        out[:, start : start + n] = _reduce_tokens(s, query.mask, query.spec.query_reduce)[:, :n].float()
+    return out
+
+
 def doc_scores_ref(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
     """Document scores [B, N] float32.
 
@@ -115,15 +326,27 @@ def doc_scores_ref(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: 
     doc_offsets: [N + 1] int64, document n owns chunks doc_offsets[n]:doc_offsets[n + 1].
     Rows of the query with no routing token score -inf everywhere.
     """
-    if router_keys.shape[0] == 0:
-        return torch.empty(query.batch_size, doc_offsets.numel() - 1, dtype=torch.float32)
+    if router_keys.shape[0] == 0:  # every document is empty: nothing can be selected
+        return torch.full((query.batch_size, doc_offsets.numel() - 1), -math.inf, dtype=torch.float32)
     keys = normalize_heads(router_keys) if query.spec.similarity == "cosine" else router_keys
     return _reduce_chunks(chunk_scores_ref(query, keys), doc_offsets, query.spec.chunk_reduce)
 
 
 def doc_scores(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Dispatcher: the canonical document scores [B, N] float32 (see `doc_scores_ref`)."""
+    """Document scores [B, N] float32 of N documents' router_keys [C, Hkv, D] (see `doc_scores_ref`).
+
+    Triton on CUDA, the float64 reference elsewhere. Example:
+        >>> spec = RoutingSpec(num_heads=2, num_kv_heads=1)
+        >>> query = prepare_queries(torch.randn(1, 3, 2, 4), torch.ones(1, 3, dtype=torch.bool), spec, 0.5)
+        >>> doc_scores(query, torch.randn(5, 1, 4), torch.tensor([0, 2, 5])).shape
+        torch.Size([1, 2])
+    """
+    if use_triton(query.vectors, router_keys):
+        return doc_scores_triton(query, router_keys.contiguous(), doc_offsets)
     return doc_scores_ref(query, router_keys, doc_offsets)
+
+
+# Top-k selection: plain Python over [B, N] scores, identical on every device.
 
 
 def select_top_k(scores: torch.Tensor, doc_ids: torch.Tensor, k: int) -> list[list[ScoredDoc]]:
