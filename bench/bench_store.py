@@ -7,7 +7,7 @@
                  theoretical = sum over documents of ceil(tokens / 64) * chunk_bytes + UTF-8 text bytes
                  chunk_bytes = 3 tensors (K, V, router K) * 18 layers * 8 kv heads * 128 dim * 2 B = 110,592 B
 
-Warm reads are the best of two runs; a tiny warm-up store pays first-call costs before timing.
+Writes and warm reads are the best of two runs; a tiny warm-up store pays first-call costs before timing.
 Byte counts: the store writes and reads the tensor bytes (plus its Arrow and manifest overhead);
 throughput is tensor-and-text bytes per second, so the ratios compare useful bytes moved.
 The store checksums everything it writes and reads (CRC32), and by default reads each written
@@ -132,9 +132,14 @@ def main() -> None:
         store_write(os.path.join(work, "warmup"), warm, verify=True)
         store_read(os.path.join(work, "warmup"))
         raw = os.path.join(work, "raw.bin")
-        t_raw_w = raw_write(raw, payload)
-        t_store_w = store_write(os.path.join(work, "store"), docs, verify=True)
-        t_store_w_nv = store_write(os.path.join(work, "store_noverify"), docs, verify=False)
+        t_raw_w, t_store_w, t_store_w_nv = [], [], []
+        for rep in range(2):  # alternated and best of two: a shared disk is noisy
+            t_raw_w.append(raw_write(raw, payload))
+            t_store_w.append(store_write(os.path.join(work, f"store{rep}"), docs, verify=True))
+            t_store_w_nv.append(store_write(os.path.join(work, f"store_noverify{rep}"), docs, verify=False))
+        t_raw_w, t_store_w, t_store_w_nv = min(t_raw_w), min(t_store_w), min(t_store_w_nv)
+        shutil.rmtree(os.path.join(work, "store1"))
+        os.rename(os.path.join(work, "store0"), os.path.join(work, "store"))
         files = store_files(os.path.join(work, "store"))
         on_disk = sum(os.path.getsize(f) for f in files)
 
@@ -152,17 +157,18 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    gbs = lambda s: useful / s / 1e9  # noqa: E731
+    def gbs(seconds: float) -> str:
+        return f"{useful / seconds / 1e9:.3f} GB/s"
+
     print(f"bench_store: MSA-4B shape ({len(LAYERS)} routing layers, {HKV} kv heads x {D}, bf16, chunk {CHUNK}):")
     print(f"  {len(docs)} documents, {tokens} tokens, {chunks} chunks, {useful / 1e6:.1f} MB of tensors + text")
     print(f"  (context: zlib.crc32 runs at {crc_gbs:.2f} GB/s on this machine)")
-    print(f"write  raw {gbs(t_raw_w):.3f} GB/s | store {gbs(t_store_w):.3f} GB/s -> ratio {t_raw_w / t_store_w:.2f}"
-          f"  (verify_writes=False: {gbs(t_store_w_nv):.3f} GB/s -> ratio {t_raw_w / t_store_w_nv:.2f})")
-    print(f"read   warm: raw {gbs(t_raw_r_warm):.3f} GB/s | store {gbs(t_store_r_warm):.3f} GB/s -> ratio {t_raw_r_warm / t_store_r_warm:.2f}")
-    print(f"read   cold: raw {gbs(t_raw_r_cold):.3f} GB/s | store {gbs(t_store_r_cold):.3f} GB/s -> ratio {t_raw_r_cold / t_store_r_cold:.2f}")
-    print(f"bytes  on disk {on_disk} B ({len(files)} files) vs theoretical {theoretical} B "
-          f"(= {chunks} chunks x {CHUNK_BYTES} B + {text_bytes} B text) -> overhead {100 * (on_disk / theoretical - 1):.3f}% (goal < 5%)")
-
+    print(f"write  raw {gbs(t_raw_w)} | store {gbs(t_store_w)} -> ratio {t_raw_w / t_store_w:.2f}")
+    print(f"       store with verify_writes=False: {gbs(t_store_w_nv)} -> ratio {t_raw_w / t_store_w_nv:.2f}")
+    for name, raw_t, store_t in (("warm", t_raw_r_warm, t_store_r_warm), ("cold", t_raw_r_cold, t_store_r_cold)):
+        print(f"read   {name}: raw {gbs(raw_t)} | store {gbs(store_t)} -> ratio {raw_t / store_t:.2f}")
+    print(f"bytes  on disk {on_disk} B ({len(files)} files) vs theoretical {theoretical} B")
+    print(f"       (= {chunks} chunks x {CHUNK_BYTES} B + {text_bytes} B text) -> overhead {100 * (on_disk / theoretical - 1):.3f}% (goal < 5%)")
 
 if __name__ == "__main__":
     main()

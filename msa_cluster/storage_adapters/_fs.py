@@ -127,9 +127,10 @@ class StoreFS:
                 raise
             return bytearray(self.fs.cat_file(self.path(rel), start=start, end=size)) if size > start else bytearray()
 
-    def map(self, rel: str) -> Any:
+    def map(self, rel: str, whole: bool = False) -> Any:
         """The whole file as a writable buffer: a private copy-on-write mmap for local files.
 
+        whole: the caller will read all of it (a bulk scan), so ask the kernel to read ahead.
         The mmap is never closed explicitly: tensors made with `torch.frombuffer` keep a reference
         to it but no buffer export, so closing it would leave them dangling. GC unmaps it.
         """
@@ -137,7 +138,10 @@ class StoreFS:
             with open(self.path(rel), "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     return bytearray()
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if whole and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_WILLNEED)
+            return mm
         return bytearray(self.read(rel))
 
     def size(self, rel: str) -> int:

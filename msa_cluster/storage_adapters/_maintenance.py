@@ -172,7 +172,9 @@ def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: f
     for f in fs.list(MANIFEST_DIR):  # temp files of local commits that crashed
         if f.name.startswith(".tmp-") and now - f.mtime >= uncommitted_grace_s:
             fs.delete(f"{MANIFEST_DIR}/{f.name}")
-    log.info("store %s: gc kept versions %s, deleted %d versions and %d files", store.url, sorted(keep), len(dropped), len(deleted))
+    log.info(
+        "store %s: gc kept versions %s, deleted %d versions and %d files", store.url, sorted(keep), len(dropped), len(deleted)
+    )
     return GCReport(tuple(sorted(keep)), tuple(dropped), tuple(sorted(deleted)))
 
 
@@ -185,21 +187,20 @@ def verify(store: "MemoryStore", version: int) -> VerifyReport:
     m = store._manifest(version)
     problems: list[tuple[str, str]] = []
     files = documents = nbytes = 0
-    refs = [(seg, kind, ref) for seg in m.segments for kind, ref in seg.files.items()]
-    bufs: dict[str, dict[str, object]] = {}
-    for seg, kind, ref in refs:
-        try:
-            bufs.setdefault(seg.id, {})[kind] = store._cache.read_verified(ref)
-            files += 1
-            nbytes += ref.size
-        except FileNotFoundError:
-            problems.append((store._fs.display(ref.path), "missing"))
-        except CorruptStoreError as e:
-            problems.append((store._fs.display(ref.path), str(e)))
-    for seg in m.segments:
-        if len(bufs.get(seg.id, {})) == 3:
+    for seg in m.segments:  # one segment in memory at a time
+        bufs = {}
+        for kind, ref in seg.files.items():
             try:
-                documents += _verify_segment(store, seg, bufs[seg.id])
+                bufs[kind] = store._cache.read_verified(ref)
+                files += 1
+                nbytes += ref.size
+            except FileNotFoundError:
+                problems.append((store._fs.display(ref.path), "missing"))
+            except CorruptStoreError as e:
+                problems.append((store._fs.display(ref.path), str(e)))
+        if len(bufs) == 3:
+            try:
+                documents += _verify_segment(store, seg, bufs)
             except CorruptStoreError as e:
                 problems.extend((p, str(e)) for p in e.paths)
     for name, ref in m.artifacts.items():

@@ -6,7 +6,7 @@ D head dim, N documents.
 
 from __future__ import annotations
 
-import logging
+import mmap
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,8 +31,6 @@ from msa_cluster.storage_adapters.manifest import FileRef, Manifest, SegmentRef
 from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
 
 __all__ = ["StoreSnapshot", "DocInfo", "RouterKeys"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class SegmentCache:
 
     def read_verified(self, ref: FileRef) -> Any:
         """A whole file, checked against its size and CRC32 (a writable buffer)."""
-        buf = self.fs.map(ref.path)
+        buf = self.fs.map(ref.path, whole=True)
         name = self.fs.display(ref.path)
         if len(buf) != ref.size:
             raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
@@ -150,7 +148,7 @@ class SegmentCache:
 
     def router(self, seg: SegmentRef) -> RouterFile:
         ref = seg.files["router"]
-        buf = self.fs.map(ref.path)
+        buf = self.fs.map(ref.path, whole=True)
         name = self.fs.display(ref.path)
         if len(buf) != ref.size:
             raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
@@ -165,7 +163,12 @@ class SegmentCache:
     def range(self, ref: FileRef, start: int, length: int) -> tuple[Any, int]:
         """(buffer, offset of `start` in it): a slice of the mmap locally, a range read elsewhere."""
         if self.fs.kind == "local":
-            return self.mapped(ref), start
+            buf = self.mapped(ref)
+            if isinstance(buf, mmap.mmap) and length > 0:
+                # one readahead of the whole range instead of a page fault at a time when cold
+                lo = start - start % mmap.PAGESIZE
+                buf.madvise(mmap.MADV_WILLNEED, lo, min(len(buf), start + length) - lo)
+            return buf, start
         return self.fs.read_range(ref.path, start, length), 0
 
 
@@ -207,7 +210,7 @@ class StoreSnapshot:
         out: dict[int, tuple[SegmentRef, int]] = {}
         for seg in self.manifest.segments:
             dead = self.manifest.tombstones.get(seg.id, frozenset())
-            for i, row in enumerate(self._cache.docs(seg).rows):
+            for i, row in enumerate(self._docs(seg).rows):
                 if row.doc_id in dead:
                     continue
                 if row.doc_id in out:
@@ -219,11 +222,14 @@ class StoreSnapshot:
                 out[row.doc_id] = (seg, i)
         return out
 
+    def _docs(self, seg: SegmentRef) -> SegmentDocs:
+        return self._guard(self._cache.docs, seg)
+
     def _row(self, doc_id: int, tenant: str | None = None) -> tuple[SegmentRef, int, DocRow]:
         hit = self._directory().get(doc_id)
         if hit is not None:
             seg, i = hit
-            row = self._cache.docs(seg).rows[i]
+            row = self._docs(seg).rows[i]
             if tenant is None or row.tenant == tenant:
                 return seg, i, row
         who = f" for tenant {tenant!r}" if tenant is not None else ""
@@ -240,10 +246,10 @@ class StoreSnapshot:
         d = self._directory()
         if tenant is None:
             return sorted(d)
-        return sorted(i for i, (seg, r) in d.items() if self._cache.docs(seg).rows[r].tenant == tenant)
+        return sorted(i for i, (seg, r) in d.items() if self._docs(seg).rows[r].tenant == tenant)
 
     def tenants(self) -> list[str]:
-        return sorted({self._cache.docs(seg).rows[r].tenant for seg, r in self._directory().values()})
+        return sorted({self._docs(seg).rows[r].tenant for seg, r in self._directory().values()})
 
     def info(self, doc_id: int, tenant: str | None = None) -> DocInfo:
         seg, _, row = self._row(doc_id, tenant)
@@ -377,7 +383,7 @@ class StoreSnapshot:
 
     def stats(self) -> dict[str, int]:
         d = self._directory()
-        rows = [self._cache.docs(seg).rows[i] for seg, i in d.values()]
+        rows = [self._docs(seg).rows[i] for seg, i in d.values()]
         return {
             "version": self.version,
             "documents": len(rows),

@@ -13,7 +13,6 @@ Shape legend: R routing layers, C chunks, Hkv kv heads, D head dim, N documents.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ from msa_cluster.storage_adapters.snapshot import RouterKeys, StoreSnapshot
 from msa_cluster.types import MemoryFullError
 
 __all__ = ["TieredKVReader", "TierStats", "RouterTier"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

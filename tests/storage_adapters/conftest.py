@@ -15,7 +15,8 @@ import time
 import uuid
 
 import pytest
-from store_helpers import BUCKET, Location
+
+from tests.storage_adapters.store_helpers import BUCKET, Location
 
 
 def _free_port() -> int:

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import threading
 
-from store_helpers import FP32, make_doc
-
 from msa_cluster.storage_adapters import MemoryStore
+from tests.storage_adapters.store_helpers import FP32, make_doc
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _open(loc, create=False):
@@ -64,7 +63,7 @@ def test_concurrent_thread_writers_never_lose_a_commit(location):
 _WRITER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from store_helpers import FP32, make_doc
+from tests.storage_adapters.store_helpers import FP32, make_doc
 from msa_cluster.storage_adapters import MemoryStore
 url, options, first = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 store = MemoryStore.open(url, FP32, storage_options=options)
@@ -82,7 +81,7 @@ def test_concurrent_process_writers_never_lose_a_commit(shared_location):
     _open(loc, create=True)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, HERE, loc.url, json.dumps(loc.storage_options), str(first)],
+            [sys.executable, "-c", _WRITER, ROOT, loc.url, json.dumps(loc.storage_options), str(first)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

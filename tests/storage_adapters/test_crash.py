@@ -10,19 +10,19 @@ import subprocess
 import sys
 
 import pytest
-from store_helpers import FP32, assert_same_doc, make_doc
 
 from msa_cluster.storage_adapters import MemoryStore
 from msa_cluster.storage_adapters._fs import StoreFS
+from tests.storage_adapters.store_helpers import FP32, assert_same_doc, make_doc
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 # The child commits version 1, then starts a second insert and stops at the chosen point with
 # half of the bytes written, says READY and waits to be killed.
 _CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from store_helpers import FP32, make_doc
+from tests.storage_adapters.store_helpers import FP32, make_doc
 from msa_cluster.storage_adapters import MemoryStore, _fs
 url, options, phase = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 store = MemoryStore.open(url, FP32, create=True, storage_options=options)
@@ -71,7 +71,7 @@ print("NOT KILLED", flush=True)
 
 def _kill_mid_write(loc, phase: str) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, HERE, loc.url, json.dumps(loc.storage_options), phase],
+        [sys.executable, "-c", _CHILD, ROOT, loc.url, json.dumps(loc.storage_options), phase],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,7 +8,6 @@ import doctest
 
 import pytest
 import torch
-from store_helpers import BF16, FP32, assert_same_doc, make_doc
 
 import msa_cluster.storage_adapters as sa
 from msa_cluster.storage_adapters import (
@@ -22,6 +21,7 @@ from msa_cluster.storage_adapters import (
 )
 from msa_cluster.storage_adapters._fs import StoreFS
 from msa_cluster.types import UnknownDocumentError
+from tests.storage_adapters.store_helpers import BF16, FP32, assert_same_doc, make_doc
 
 
 def open_store(loc, fp=FP32, create=True, **config):

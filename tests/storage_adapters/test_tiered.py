@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from store_helpers import FP32, make_doc
 
 from msa_cluster.storage_adapters import CorruptStoreError, MemoryStore, RouterTier, TieredKVReader
 from msa_cluster.types import MemoryFullError, UnknownDocumentError
+from tests.storage_adapters.store_helpers import FP32, make_doc
 
 DOC_TOKENS = 8  # 2 chunks: K and V of a document are 2 * (2 layers * 2 chunks * 2 heads * 8 * 4 B) = 512 B
 KV_BYTES = 512
