@@ -99,14 +99,38 @@ class Coordinator:
                 self._reset_all()
             return version
 
-    def _reset_all(self) -> None:
-        snap = self.store.snapshot(self.version)
+    def _reset_all(self, only: Sequence[int] | None = None) -> None:
         pending = []
         for s, (router, kv) in enumerate(zip(self._routers, self._kvs)):
+            if only is not None and s not in only:
+                continue
             ids = sorted(d for d, o in self._placement.items() if o == s)
             pending += [submit(router, "reset", self.version, ids), submit(kv, "sync", self.version, ids)]
         gather(pending, self.timeout_s)
-        del snap
+
+    def recover(self, routers: Sequence[Any], kvs: Sequence[Any]) -> int:
+        """After a coordinator restart: adopt what the live shards hold, reload only what differs.
+
+        A shard that does not answer is skipped: when Ray restarts it, it loads its assignment itself.
+        """
+        with self._lock:
+            self._routers, self._kvs = list(routers), list(kvs)
+            held: dict[int, int] = {}
+            for s, router in enumerate(self._routers):
+                try:
+                    for d in gather([submit(router, "doc_ids")], self.timeout_s)[0]:
+                        held.setdefault(d, s)
+                except ShardUnavailable as e:
+                    log.warning("router shard %d did not answer during recovery: %s", s, e)
+            self._placement = held
+            self.plan(len(self._routers))
+            stale = [s for s in range(len(self._routers)) if sorted(d for d, o in held.items() if o == s)
+                     != sorted(d for d, o in self._placement.items() if o == s)]
+            try:
+                self._reset_all(only=stale)
+            except ShardUnavailable as e:
+                log.warning("some shards were not reloaded during recovery: %s", e)
+            return self.version
 
     # ------------------------------------------------------------------ changes
     def sync(self) -> int:

@@ -49,7 +49,15 @@ class ClusterMemory:
         self._open: dict[tuple[int, int], _Batch] = {}  # (layer, top_k) -> batch filling
 
     def view(self) -> ClusterView:
-        return call(self.coordinator, "view", timeout_s=self.timeout_s)
+        """The latest committed version and the shards; retried while the coordinator restarts."""
+        for attempt in range(self.retries + 1):
+            try:
+                return call(self.coordinator, "view", timeout_s=self.timeout_s)
+            except ShardUnavailable:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.retry_delay_s * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def snapshot(self, tenant: str = DEFAULT_TENANT) -> "ClusterSnapshot":
         return ClusterSnapshot(self, self.view(), tenant)

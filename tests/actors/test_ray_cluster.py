@@ -1,0 +1,73 @@
+"""The memory cluster on a real two-node Ray cluster (loopback): exactness, placement, scaling, changes."""
+
+import pytest
+import ray
+import torch
+
+from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster
+from msa_cluster.model import InProcessMemory
+from msa_cluster.model.generation import GenerationConfig, generate
+from tests.actors.helpers import corpus, store_with, tiny_model
+from tests.model.helpers import random_prompt
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def docs(model):
+    return corpus(model)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_nodes, model, docs, tmp_path_factory):
+    """Four shard pairs, alternately pinned to the two nodes by custom resources."""
+    url = f"file://{tmp_path_factory.mktemp('ray-store')}"
+    store_with(model, docs[:20], url)
+    spec = ClusterSpec(name="exact", num_shards=4, timeout_s=30, shard_resources=({"node_a": 1}, {"node_b": 1}))
+    c = MemoryCluster.start(url, model.fingerprint(), spec)
+    yield c
+    c.shutdown()
+
+
+def _same_as_local(model, memory, docs):
+    local = InProcessMemory(docs)
+    for tenant, seed in (("acme", 7), ("globex", 8)):
+        ids, mask = random_prompt(model, 12, seed=seed)
+        a = model.prefill(ids, local, mask, tenant=tenant)
+        b = model.prefill(ids, memory, mask, tenant=tenant)
+        assert a.selected == b.selected and torch.equal(a.logits, b.logits)
+    cfg = GenerationConfig(max_new_tokens=4)
+    assert generate(model, ids, local, mask, cfg, tenant="globex").tokens == generate(model, ids, memory, mask, cfg, tenant="globex").tokens
+
+
+def test_pairs_share_a_node_and_span_both_nodes(cluster):
+    """Each router shard sits on its KV shard's node (placement group), and shards use both nodes."""
+    routers = ray.get([r.stats.remote() for r in cluster.routers])
+    kvs = ray.get([k.stats.remote() for k in cluster.kvs])
+    assert [r["node"] for r in routers] == [k["node"] for k in kvs]
+    assert len({r["node"] for r in routers}) == 2
+    assert sum(r["documents"] for r in routers) == 20
+
+
+def test_four_three_two_one_shards_equal_local(cluster, model, docs):
+    """4, then (scaling down) 3, 2 and 1 shard pairs give exactly InProcessMemory's selections, logits, tokens."""
+    for n in (4, 3, 2, 1):
+        if n < len(cluster.routers):
+            cluster.scale(n)
+        assert len(cluster.routers) == n
+        _same_as_local(model, cluster.memory(), docs[:20])
+
+
+def test_scale_up_and_online_changes(cluster, model, docs):
+    """Adding pairs rebalances; inserts and deletes through the coordinator are visible to the next request."""
+    cluster.scale(2)
+    coord = cluster.coordinator
+    ray.get(coord.insert.remote(docs[20:]), timeout=60)
+    _same_as_local(model, cluster.memory(), docs)
+    ray.get(coord.delete.remote([0, 1, 5]), timeout=60)
+    _same_as_local(model, cluster.memory(), [d for d in docs if d.doc_id not in (0, 1, 5)])
+    stats = ray.get(coord.stats.remote())
+    assert stats["documents"] == len(docs) - 3 and stats["shards"] == 2
