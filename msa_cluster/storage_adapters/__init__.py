@@ -29,12 +29,13 @@ Public API:
     RouterTier(capacity_bytes)               .load(snapshot, ids) (MemoryFullError when full); .keys()
 
 Example (runs as is):
-    >>> import torch
+    >>> import tempfile, torch
     >>> from msa_cluster.storage_adapters import MemoryStore
     >>> from msa_cluster.types import EncodedDocument, ModelFingerprint
     >>> fp = ModelFingerprint("tiny-cfg", routing_layers=(1, 2), dtype="bfloat16",
     ...                       num_kv_heads=2, head_dim=8, chunk_size=64)
-    >>> store = MemoryStore.open("memory://example-store", fp, create=True)
+    >>> url = "file://" + tempfile.mkdtemp()                     # or "s3://bucket/prefix", "memory://..."
+    >>> store = MemoryStore.open(url, fp, create=True)
     >>> k = torch.randn(2, 3, 2, 8).to(torch.bfloat16)            # [R, C, Hkv, D], 3 chunks
     >>> doc = EncodedDocument(doc_id=5, keys=k, values=k + 1, router_keys=k - 1, num_tokens=150,
     ...                       routing_layers=(1, 2), text="a document", tenant="acme")

@@ -126,7 +126,7 @@ def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitRes
             return {"segments": tuple(segments), "tombstones": tombs}, result
 
         try:
-            return store._commit("compact", build)
+            return store._commit("compact", build, m)
         except _Restart:
             log.info("store %s: compaction inputs changed under it; starting over", store.url)
             store._discard(seg for seg, _ in written)

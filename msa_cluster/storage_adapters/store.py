@@ -86,7 +86,7 @@ class CommitResult:
 
 
 class _Restart(Exception):
-    """A compaction's input segments vanished under it (another compaction won): start over."""
+    """What a write was planned on changed under it in a way a rebase cannot absorb: start over."""
 
 
 def _new_id() -> str:
@@ -107,10 +107,10 @@ class MemoryStore:
     Thread-safe; several processes (and machines) may write the same store at once.
 
     Example:
-        >>> import torch
+        >>> import tempfile, torch
         >>> from msa_cluster.types import EncodedDocument, ModelFingerprint
         >>> fp = ModelFingerprint("cfg", (2, 3), "float32", num_kv_heads=1, head_dim=4, chunk_size=64)
-        >>> store = MemoryStore.open("memory://doctest-store", fp, create=True)
+        >>> store = MemoryStore.open(tempfile.mkdtemp(), fp, create=True)
         >>> t = torch.zeros(2, 1, 1, 4)
         >>> store.insert([EncodedDocument(7, t, t, t, num_tokens=10, routing_layers=(2, 3), text="hi")]).inserted
         (7,)
@@ -272,14 +272,21 @@ class MemoryStore:
         return snap
 
     # ------------------------------------------------------------------ commit
-    def _commit(self, operation: str, build: Callable[[Manifest], tuple[dict, CommitResult] | None]) -> CommitResult:
+    def _commit(
+        self,
+        operation: str,
+        build: Callable[[Manifest], tuple[dict, CommitResult] | None],
+        base: Manifest | None = None,
+    ) -> CommitResult:
         """Publish base.child(**changes) with compare-and-swap on the version number.
 
-        The first attempt builds on the latest version this handle has seen (no round trip); a lost
-        race refreshes the latest and rebuilds the change on it.
+        base: the version the caller already read as the latest when its call began (saves a
+        round trip), else the latest is read now. A lost race re-reads the latest and rebuilds
+        the change on it. A no-op (build returns None) is decided against a version that was the
+        latest during the call, so it is linearizable without a write.
         """
         delay = 0.002
-        base = self._latest or self._latest_manifest()
+        base = base or self._latest_manifest()
         for _ in range(self.config.commit_retries):
             plan = build(base)
             if plan is None:
@@ -374,15 +381,26 @@ class MemoryStore:
             raise ValueError(f"document ids {dups} appear more than once in one insert")
         crcs = [doc_checksums(d) for d in docs]
         digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs)}
+        for _ in range(3):
+            try:
+                return self._insert_once(docs, crcs, digests, replace)
+            except _Restart:
+                log.info("store %s: documents skipped as present changed meanwhile; inserting again", self.url)
+        raise CommitConflictError(f"store {self.url}: insert kept racing deletes of the same documents; gave up")
+
+    def _insert_once(self, docs: list[EncodedDocument], crcs: list, digests: dict, replace: bool) -> CommitResult:
         base = self.snapshot()
         fresh = [i for i, d in enumerate(docs) if not self._same(base, d.doc_id, digests[d.doc_id], replace)]
         if not fresh:
             return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
         written = self._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
-        skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in set(fresh))
+        fresh_set = set(fresh)
+        skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in fresh_set)
 
         def build(base_m: Manifest):
             snap = self.snapshot(base_m.version)
+            if not all(self._same(snap, i, digests[i], replace) for i in skipped_early):
+                raise _Restart  # a document not written because it was present is gone or changed now
             tombs = {k: set(v) for k, v in base_m.tombstones.items()}
             ins, rep, skip, keep = [], [], list(skipped_early), []
             for seg, rows in written:
@@ -408,7 +426,7 @@ class MemoryStore:
             return {"segments": base_m.segments + tuple(keep), "tombstones": tombs}, result
 
         try:
-            result = self._commit("insert", build)
+            result = self._commit("insert", build, base.manifest)
         except BaseException:
             self._discard(seg for seg, _ in written)
             raise

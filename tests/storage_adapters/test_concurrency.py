@@ -8,7 +8,9 @@ import subprocess
 import sys
 import threading
 
-from msa_cluster.storage_adapters import MemoryStore
+import pytest
+
+from msa_cluster.storage_adapters import DocumentExistsError, MemoryStore
 from tests.storage_adapters.store_helpers import FP32, make_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -58,6 +60,17 @@ def test_concurrent_thread_writers_never_lose_a_commit(location):
     assert store.latest_version() == 16 and store.versions() == list(range(17))
     assert store.snapshot().doc_ids() == sorted(10 * w + j for w in range(4) for j in range(4))
     store.verify()
+
+
+def test_a_stale_handle_decides_against_the_latest_version(location):
+    """A handle that last saw an old version still deletes, skips and inserts against the newest one."""
+    a, b = _open(location, create=True), _open(location)
+    a.snapshot()
+    b.insert([make_doc(5), make_doc(6)])
+    assert a.delete([5]).deleted == (5,)  # a never saw document 5 before
+    assert a.insert([make_doc(6)]).skipped == (6,)
+    assert b.insert([make_doc(5)]).inserted == (5,)
+    assert a.snapshot().doc_ids() == [5, 6] and a.latest_version() == 3
 
 
 _WRITER = r"""
@@ -151,3 +164,58 @@ def test_readers_see_one_consistent_version_during_insert_delete_compact(locatio
     assert len(expected) == 9
     for version, got in seen:
         assert got == expected[version], version
+
+
+def _race(store, action):
+    """Make `store`'s next segment upload run `action` (another writer's commit) right after it."""
+    original, fired = store._write_segments, []
+
+    def racing(*args):
+        out = original(*args)
+        if not fired:
+            fired.append(True)
+            action()
+        return out
+
+    store._write_segments = racing
+
+
+def test_insert_rebases_over_a_concurrent_delete_of_a_document_it_skipped(location):
+    """A document skipped as already present, then deleted by another writer mid-insert, is inserted after all."""
+    a = _open(location, create=True)
+    b = _open(location)
+    a.insert([make_doc(1)])
+    _race(a, lambda: b.delete([1]))
+    result = a.insert([make_doc(1), make_doc(2)])
+    assert set(result.inserted) == {1, 2} and result.version == 3
+    assert a.snapshot().doc_ids() == [1, 2]
+
+
+def test_insert_conflicting_with_a_concurrent_insert_is_refused(location):
+    """Two writers inserting the same new id with different content: the second gets DocumentExistsError."""
+    a = _open(location, create=True)
+    b = _open(location)
+    _race(a, lambda: b.insert([make_doc(7, seed=1)]))
+    with pytest.raises(DocumentExistsError, match="document 7"):
+        a.insert([make_doc(7, seed=2)])
+    snap = a.snapshot()
+    assert snap.doc_ids() == [7] and snap.texts([7]) == {7: "document 7 seed 1"}
+    assert len(snap.manifest.segments) == 1  # the loser's segment was never published
+
+
+def test_compaction_keeps_deletes_and_updates_committed_while_it_ran(location):
+    """Rows deleted or replaced during a compaction stay dead in the rewritten segment."""
+    a = _open(location, create=True)
+    b = _open(location)
+    a.insert([make_doc(i) for i in range(4)])
+    a.delete([0])
+
+    def concurrent():
+        b.delete([1])
+        b.insert([make_doc(2, seed=5)], replace=True)
+
+    _race(a, concurrent)
+    assert a.compact().rewritten_segments
+    snap = a.snapshot()
+    assert snap.doc_ids() == [2, 3] and snap.texts([2]) == {2: "document 2 seed 5"}
+    a.verify()
