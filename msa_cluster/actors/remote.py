@@ -39,8 +39,8 @@ class CoordinatorActor:
     """Named, detached, threaded; on a restart it finds its shards by name and reloads them."""
 
     def __init__(self, cluster: str, store_url: str, fingerprint: ModelFingerprint, storage_options: dict | None = None,
-                 timeout_s: float = 30.0):
-        self.cluster = cluster
+                 timeout_s: float = 30.0, namespace: str | None = None):
+        self.cluster, self.namespace = cluster, namespace
         self.impl = Coordinator(_open(store_url, fingerprint, storage_options), timeout_s=timeout_s)
         routers, kvs = self._find_shards()
         if routers:  # a restart: the shards outlived the old coordinator; adopt what they hold
@@ -50,7 +50,7 @@ class CoordinatorActor:
         routers, kvs = [], []
         while True:
             try:
-                pair = [ray.get_actor(name) for name in shard_names(self.cluster, len(routers))]
+                pair = [ray.get_actor(name, namespace=self.namespace) for name in shard_names(self.cluster, len(routers))]
             except ValueError:  # no actor of that name: the pairs end here (or this is the first start)
                 return routers, kvs
             routers.append(pair[0])
@@ -91,19 +91,19 @@ class CoordinatorActor:
 
 
 class _ShardBase:
-    def _assignment(self, coordinator: str, shard_id: int, timeout_s: float):
-        return call(ray.get_actor(coordinator), "assignment", shard_id, timeout_s=timeout_s)
+    def _assignment(self, coordinator: str, shard_id: int, timeout_s: float, namespace: str | None):
+        return call(ray.get_actor(coordinator, namespace=namespace), "assignment", shard_id, timeout_s=timeout_s)
 
 
 @ray.remote
 class RouterShardActor(_ShardBase):
     def __init__(self, shard_id: int, coordinator: str, store_url: str, fingerprint: ModelFingerprint,
                  storage_options: dict | None = None, capacity_bytes: int | None = None, grace_s: float = 300.0,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, namespace: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         store = _open(store_url, fingerprint, storage_options)
         self.impl = RouterShard(shard_id, fingerprint.routing_layers, capacity_bytes, device, grace_s, store=store)
-        version, doc_ids = self._assignment(coordinator, shard_id, timeout_s)
+        version, doc_ids = self._assignment(coordinator, shard_id, timeout_s, namespace)
         if version >= 0:
             self.impl.reset(version, doc_ids)
 
@@ -129,9 +129,10 @@ class RouterShardActor(_ShardBase):
 @ray.remote
 class KVShardActor(_ShardBase):
     def __init__(self, shard_id: int, coordinator: str, store_url: str, fingerprint: ModelFingerprint,
-                 storage_options: dict | None = None, budget_bytes: int = 1 << 30, timeout_s: float = 30.0):
+                 storage_options: dict | None = None, budget_bytes: int = 1 << 30, timeout_s: float = 30.0,
+                 namespace: str | None = None):
         self.impl = KVShard(shard_id, _open(store_url, fingerprint, storage_options), budget_bytes)
-        version, doc_ids = self._assignment(coordinator, shard_id, timeout_s)
+        version, doc_ids = self._assignment(coordinator, shard_id, timeout_s, namespace)
         if version >= 0:
             self.impl.sync(version, doc_ids)
 
@@ -156,11 +157,11 @@ class GeneratorActor:
     """The model and a batching ClusterMemory; run with max_concurrency > 1 to batch requests."""
 
     def __init__(self, checkpoint: str, coordinator: str, batch_window_s: float = 0.002, timeout_s: float = 30.0,
-                 retries: int = 3, dtype: Any = None):
+                 retries: int = 3, dtype: Any = None, namespace: str | None = None):
         from msa_cluster.actors.generator import Generator  # the model stack loads only where it runs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        memory = ClusterMemory(ray.get_actor(coordinator), timeout_s=timeout_s, batch_window_s=batch_window_s, retries=retries)
+        memory = ClusterMemory(ray.get_actor(coordinator, namespace=namespace), timeout_s=timeout_s, batch_window_s=batch_window_s, retries=retries)
         self.impl = Generator.from_checkpoint(checkpoint, memory, dtype=dtype, device=device)
 
     def answer(self, question: str, tenant: str, config=None):

@@ -33,6 +33,7 @@ class ClusterSpec:
     """How to lay the memory cluster out. Validated on use; built from YAML/CLI by `cluster.config`."""
 
     name: str = "msa"
+    namespace: str = "msa"  # Ray namespace of the named actors, so other jobs (serve, ingest) find them
     num_shards: int | None = None  # default: one pair per GPU, else one per alive node
     use_gpus: bool | None = None  # default: when the cluster has GPUs
     cpus_per_actor: float = 0.25
@@ -78,9 +79,9 @@ class MemoryCluster:
         use_gpus = self._use_gpus()
         n = spec.num_shards or self._default_shards(use_gpus)
         self.coordinator = CoordinatorActor.options(
-            name=self.coordinator_name, lifetime="detached", max_restarts=-1, max_concurrency=32,
+            name=self.coordinator_name, namespace=spec.namespace, lifetime="detached", max_restarts=-1, max_concurrency=32,
             num_cpus=spec.cpus_per_actor,
-        ).remote(spec.name, store_url, fingerprint, storage_options, spec.timeout_s)
+        ).remote(spec.name, store_url, fingerprint, storage_options, spec.timeout_s, spec.namespace)
         call(self.coordinator, "plan", n, timeout_s=spec.start_timeout_s)
         self._add_pairs(range(n), use_gpus)
         call(self.coordinator, "attach", self.routers, self.kvs, False, timeout_s=spec.start_timeout_s)
@@ -106,18 +107,19 @@ class MemoryCluster:
                 router_bundle["GPU"] = 1
             pg = placement_group([router_bundle, {"CPU": spec.cpus_per_actor, **extra}], strategy="STRICT_PACK", lifetime="detached")
             ray.get(pg.ready(), timeout=spec.start_timeout_s)
-            common = dict(max_restarts=-1, max_concurrency=8, num_cpus=spec.cpus_per_actor, lifetime="detached")
+            common = dict(max_restarts=-1, max_concurrency=8, num_cpus=spec.cpus_per_actor, lifetime="detached",
+                          namespace=spec.namespace)
             rname, kname = shard_names(spec.name, s)
             router = RouterShardActor.options(
                 name=rname, num_gpus=1 if use_gpus else 0, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), **common,
             ).remote(s, self.coordinator_name, self.store_url, self.fingerprint, self.storage_options,
-                     spec.router_capacity_bytes, spec.grace_s, spec.start_timeout_s)
+                     spec.router_capacity_bytes, spec.grace_s, spec.start_timeout_s, spec.namespace)
             kv = KVShardActor.options(
                 name=kname, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1), **common,
             ).remote(s, self.coordinator_name, self.store_url, self.fingerprint, self.storage_options,
-                     spec.kv_budget_bytes, spec.start_timeout_s)
+                     spec.kv_budget_bytes, spec.start_timeout_s, spec.namespace)
             self.groups.append(pg)
             new_routers.append(router)
             new_kvs.append(kv)

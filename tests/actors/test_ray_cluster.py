@@ -71,3 +71,34 @@ def test_scale_up_and_online_changes(cluster, model, docs):
     _same_as_local(model, cluster.memory(), [d for d in docs if d.doc_id not in (0, 1, 5)])
     stats = ray.get(coord.stats.remote())
     assert stats["documents"] == len(docs) - 3 and stats["shards"] == 2
+
+
+def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
+    """A GeneratorActor (concurrent requests, batched routing) and an EncoderActor agree with local runs."""
+    from msa_cluster.actors.remote import EncoderActor, GeneratorActor
+    from msa_cluster.model.tokenizer import ByteTokenizer
+
+    model.save_pretrained(tmp_path)
+    ByteTokenizer().save(tmp_path)
+    enc = EncoderActor.options(num_cpus=0.25).remote(str(tmp_path), device="cpu")
+    rows = [{"id": 900 + i, "text": f"note number {i}", "tenant": "acme", "metadata": {"k": str(i)}} for i in range(3)]
+    remote_docs = ray.get(enc.encode.remote(rows), timeout=300)
+    tok = ByteTokenizer()
+    local_docs = model.encode_documents([tok.encode(f"<|im_start|>[{r['id']}]. {r['text']}[{r['id']}]<|im_end|>") for r in rows],
+                                        doc_ids=[r["id"] for r in rows])
+    for a, b in zip(remote_docs, local_docs):
+        torch.testing.assert_close(a.router_keys, b.router_keys, atol=1e-6, rtol=1e-6)
+        assert a.metadata == {"k": str(a.doc_id - 900)} and a.tenant == "acme"
+    ray.kill(enc)
+
+    gen = GeneratorActor.options(num_cpus=0.25, max_concurrency=8).remote(
+        str(tmp_path), cluster.coordinator_name, 0.01, namespace=cluster.spec.namespace)
+    live = ray.get(cluster.coordinator.placement.remote())
+    local = InProcessMemory([d for d in docs if d.doc_id in live])
+    prompts = [random_prompt(model, 10 + s, seed=s) for s in range(6)]
+    refs = [gen.prefill_selection.remote(i[0].tolist(), m[0].tolist(), "acme") for i, m in prompts]
+    for (i, m), got in zip(prompts, ray.get(refs, timeout=300)):
+        assert got["selected"] == model.prefill(i, local, m, tenant="acme").selected
+    answer = ray.get(gen.answer.remote("what happened?", "acme"), timeout=300)
+    assert answer.version == ray.get(cluster.coordinator.view.remote()).version and answer.rounds
+    ray.kill(gen)
