@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """How to lay the memory cluster out. Validated on use; built from YAML/CLI by `cluster.config`."""
+    """How to lay the memory cluster out (validated on construction)."""
 
     name: str = "msa"
     namespace: str = "msa"  # Ray namespace of the named actors, so other jobs (serve, ingest) find them

@@ -229,7 +229,7 @@ class MSAForCausalLM(PreTrainedModel):
         """
         self._validate_prompt(input_ids, routing_mask)
         snap = memory.snapshot(tenant) if hasattr(memory, "snapshot") else memory
-        dev, dtype = self.device, self.dtype
+        dev = self.device
         input_ids, routing_mask = input_ids.to(dev), routing_mask.to(dev).bool()
         T = input_ids.shape[1]
         tmpl, top_k = self.config.memory.template_head_len, self.config.memory.top_k_docs

@@ -14,16 +14,11 @@ import torch
 from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster
 from msa_cluster.model import InProcessMemory
 from msa_cluster.types import ShardUnavailable
-from tests.actors.helpers import corpus, store_with, tiny_model
+from tests.actors.helpers import corpus, store_with
 from tests.model.helpers import random_prompt
 
 TIMEOUT_S = 5.0
 HANG_MARGIN_S = 10.0  # a query may spend TIMEOUT_S per attempt, and retries once
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,8 @@ from msa_cluster.kernels.routing import prepare_queries
 from msa_cluster.model import InProcessMemory
 from msa_cluster.model.generation import GenerationConfig, generate
 from msa_cluster.types import MemoryFullError, SnapshotGoneError, StaleShardError
-from tests.actors.helpers import corpus, plain_cluster, store_with, tiny_model
+from tests.actors.helpers import plain_cluster, store_with
 from tests.model.helpers import random_prompt
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def docs(model):
-    return corpus(model)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4, 30])
@@ -184,3 +174,33 @@ def test_coordinator_needs_pairs(model, docs):
     """Router and KV shards come in pairs."""
     with pytest.raises(ValueError, match="pairs"):
         Coordinator(store_with(model, []), [object()], [])
+
+
+def test_coordinator_recovery_adopts_what_shards_hold(model, docs):
+    """A fresh coordinator (after a restart) adopts the live shards' placement without reloading them."""
+    store = store_with(model, docs)
+    old, routers, kvs = plain_cluster(store, model, 3)
+    before = old.placement()
+    fresh = Coordinator(store)
+    fresh.recover(routers, kvs)
+    assert fresh.placement() == before and fresh.version == old.version
+    ids, mask = random_prompt(model, 12)
+    assert model.prefill(ids, ClusterMemory(fresh), mask, tenant="acme").selected == \
+        model.prefill(ids, InProcessMemory(docs), mask, tenant="acme").selected
+
+
+def test_calls_map_role_errors_and_timeouts():
+    """Plain-object calls re-raise the role's own error type; gather keeps the order of results."""
+    from msa_cluster.actors.calls import call, gather, submit
+
+    class Role:
+        def ok(self, x):
+            return x * 2
+
+        def bad(self):
+            raise MemoryFullError("full")
+
+    r = Role()
+    assert gather([submit(r, "ok", 1), submit(r, "ok", 2)], 1.0) == [2, 4]
+    with pytest.raises(MemoryFullError):
+        call(r, "bad")

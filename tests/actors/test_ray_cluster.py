@@ -7,18 +7,8 @@ import torch
 from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster
 from msa_cluster.model import InProcessMemory
 from msa_cluster.model.generation import GenerationConfig, generate
-from tests.actors.helpers import corpus, store_with, tiny_model
+from tests.actors.helpers import store_with
 from tests.model.helpers import random_prompt
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def docs(model):
-    return corpus(model)
 
 
 @pytest.fixture(scope="module")
