@@ -265,7 +265,7 @@ def _encode_content(segment_id, docs, layout: TensorLayout, kv_lens: np.ndarray,
         o, half = int(offsets[i]), int(kv_lens[i]) // 2
         np.copyto(data[o : o + half], _u8np(d.keys))
         np.copyto(data[o + half : o + 2 * half], _u8np(d.values))
-        crcs.append(known[i] if known is not None else crc32(data[o : o + 2 * half]))
+        crcs.append(known[i] if known[i] is not None else crc32(data[o : o + 2 * half]))
     texts = _string_array([d.text for d in docs], pa.large_string())
     ids = _fixed_array([d.doc_id for d in docs], pa.int64())
     batch = pa.record_batch([ids, _binary_column(data, offsets), texts], names=["doc_id", "kv", "text"])
@@ -290,13 +290,13 @@ def _encode_router(segment_id, docs, layout: TensorLayout, chunks: np.ndarray, k
         for i, d in enumerate(docs):
             a, b = int(offsets[i]), int(offsets[i + 1])
             np.copyto(data[a:b], _u8np(d.router_keys[r]))
-            if known is None:
+            if known[i] is None:
                 crcs[i] = crc32(data[a:b], crcs[i])
         columns.append(_binary_column(data, offsets))
         names.append(f"rk_{layer}")
     batch = pa.record_batch(columns, names=names).replace_schema_metadata(layout.segment_meta(segment_id, "router"))
     write("router", batch)
-    return crcs if known is None else list(known)
+    return [c if k is None else k for c, k in zip(crcs, known)]
 
 
 def doc_checksums(doc: EncodedDocument) -> tuple[int, int]:
@@ -313,20 +313,22 @@ def encode_segment(
     docs: Sequence[EncodedDocument],
     layout: TensorLayout,
     write: Callable[[str, pa.RecordBatch], Any],
-    checksums: Sequence[tuple[int, int]] | None = None,
+    checksums: Sequence[tuple[int, int] | None] | None = None,
 ) -> list[DocRow]:
     """Encode documents (already checked with `layout.check`) into one segment's three files.
 
     write(kind, batch) stores `batch` as the one-batch IPC file of `kind` ("content", "router",
     "docs", in that order) and returns the file's bytes as stored (the content file's are parsed
-    to find where each document landed). checksums: each document's `doc_checksums`, if known.
+    to find where each document landed). checksums: each document's `doc_checksums`, or None
+    where not computed yet (then they are computed from the assembled bytes).
     """
     if not docs:
         raise ValueError("a segment needs at least one document")
     chunks = np.array([d.num_chunks for d in docs], dtype=np.int64)
     kv_lens = 2 * len(layout.routing_layers) * chunks * layout.chunk_bytes
-    kv_known = [c[0] for c in checksums] if checksums is not None else None
-    rk_known = [c[1] for c in checksums] if checksums is not None else None
+    checksums = list(checksums) if checksums is not None else [None] * len(docs)
+    kv_known = [c[0] if c is not None else None for c in checksums]
+    rk_known = [c[1] if c is not None else None for c in checksums]
     kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens, kv_known, write)
     rk_crcs = _encode_router(segment_id, docs, layout, chunks, rk_known, write)
     rows = []

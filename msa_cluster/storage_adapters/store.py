@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -48,6 +48,9 @@ from msa_cluster.storage_adapters.manifest import (
 )
 from msa_cluster.storage_adapters.snapshot import SegmentCache, StoreSnapshot
 from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
+
+if TYPE_CHECKING:
+    from msa_cluster.storage_adapters._maintenance import GCReport, VerifyReport
 
 __all__ = ["MemoryStore", "StoreConfig", "CommitResult"]
 
@@ -379,18 +382,23 @@ class MemoryStore:
         dups = sorted({d.doc_id for d in docs if d.doc_id in seen or seen.add(d.doc_id)})
         if dups:
             raise ValueError(f"document ids {dups} appear more than once in one insert")
-        crcs = [doc_checksums(d) for d in docs]
-        digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs)}
         for _ in range(3):
             try:
-                return self._insert_once(docs, crcs, digests, replace)
+                return self._insert_once(docs, replace)
             except _Restart:
                 log.info("store %s: documents skipped as present changed meanwhile; inserting again", self.url)
         raise CommitConflictError(f"store {self.url}: insert kept racing deletes of the same documents; gave up")
 
-    def _insert_once(self, docs: list[EncodedDocument], crcs: list, digests: dict, replace: bool) -> CommitResult:
+    def _insert_once(self, docs: list[EncodedDocument], replace: bool) -> CommitResult:
         base = self.snapshot()
-        fresh = [i for i, d in enumerate(docs) if not self._same(base, d.doc_id, digests[d.doc_id], replace)]
+        # checksums up front only for ids already live (to compare); new ones get theirs while encoding
+        crcs = [doc_checksums(d) if d.doc_id in base else None for d in docs]
+        digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs) if c is not None}
+        fresh = [
+            i
+            for i, d in enumerate(docs)
+            if d.doc_id not in digests or not self._same(base, d.doc_id, digests[d.doc_id], replace)
+        ]
         if not fresh:
             return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
         written = self._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
@@ -511,7 +519,7 @@ class MemoryStore:
 
         return compact(self, small_segment_bytes)
 
-    def gc(self, grace_s: float | None = None, uncommitted_grace_s: float | None = None):
+    def gc(self, grace_s: float | None = None, uncommitted_grace_s: float | None = None) -> "GCReport":
         """Delete versions superseded more than `grace_s` ago, then the files no kept version uses.
 
         A file that only collected versions used goes at once; a file no version ever used (an
@@ -524,7 +532,7 @@ class MemoryStore:
         floor = self.config.uncommitted_grace_s if uncommitted_grace_s is None else uncommitted_grace_s
         return collect_garbage(self, grace, floor)
 
-    def verify(self, version: int | None = None):
+    def verify(self, version: int | None = None) -> "VerifyReport":
         """Check every file and every document of a version; raises CorruptStoreError naming the files."""
         from msa_cluster.storage_adapters._maintenance import verify
 

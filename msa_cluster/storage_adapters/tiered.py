@@ -104,7 +104,7 @@ class TieredKVReader:
 
     def gather(self, layer: int, doc_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of `doc_ids` at one routing layer, concatenated in the given order: [sum C, Hkv, D]."""
-        r = self._snapshot_layer_index(layer)
+        r = self._layer_row(layer)
         ks, vs = zip(*(self.get(i) for i in doc_ids)) if doc_ids else ((), ())
         if not ks:
             lay = self._snapshot._layout
@@ -112,7 +112,7 @@ class TieredKVReader:
             return empty, empty.clone()
         return torch.cat([k[r] for k in ks]), torch.cat([v[r] for v in vs])
 
-    def _snapshot_layer_index(self, layer: int) -> int:
+    def _layer_row(self, layer: int) -> int:
         layers = self._snapshot.fingerprint.routing_layers
         if layer not in layers:
             raise ValueError(f"layer {layer} is not a routing layer; routing layers: {layers}")
