@@ -56,8 +56,12 @@ class ClusterMemory:
             except ShardUnavailable:
                 if attempt == self.retries:
                     raise
-                time.sleep(self.retry_delay_s * (attempt + 1))
+                self._backoff(attempt)
         raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> None:
+        """Exponential wait between retries (a killed actor takes seconds to restart), capped at 5 s."""
+        time.sleep(min(self.retry_delay_s * 2**attempt, 5.0))
 
     def snapshot(self, tenant: str = DEFAULT_TENANT) -> "ClusterSnapshot":
         return ClusterSnapshot(self, self.view(), tenant)
@@ -114,7 +118,7 @@ class ClusterMemory:
             except ShardUnavailable:
                 if attempt == self.retries:
                     raise
-                time.sleep(self.retry_delay_s * (attempt + 1))  # a killed shard is restarting
+                self._backoff(attempt)
         raise AssertionError("unreachable")
 
 
