@@ -18,7 +18,9 @@ from tests.actors.helpers import corpus, store_with
 from tests.model.helpers import random_prompt
 
 TIMEOUT_S = 5.0
-HANG_MARGIN_S = 10.0  # a query may spend TIMEOUT_S per attempt, and retries once
+HANG_MARGIN_S = 10.0  # compute and backoff on a loaded 2-core machine
+# The stream retries once: view and fan-out may each spend two attempts of TIMEOUT_S.
+MAX_QUERY_S = 4 * TIMEOUT_S + HANG_MARGIN_S
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def _routable(model, cluster, docs):
 def _check(stream):
     bad = [o for o in stream.outcomes if o[0] not in ("ok", "unavailable")]
     assert not bad, bad[:3]
-    assert max(d for _, d in stream.outcomes) < 2 * TIMEOUT_S + HANG_MARGIN_S
+    assert max(d for _, d in stream.outcomes) < MAX_QUERY_S
     assert any(o == "ok" for o, _ in stream.outcomes)
 
 
