@@ -204,3 +204,15 @@ def test_calls_map_role_errors_and_timeouts():
     assert gather([submit(r, "ok", 1), submit(r, "ok", 2)], 1.0) == [2, 4]
     with pytest.raises(MemoryFullError):
         call(r, "bad")
+
+
+def test_cluster_texts_are_tenant_and_version_filtered(model, docs):
+    """Interleave reads texts only of the request's tenant, live at its pinned version."""
+    store = store_with(model, docs)
+    coord, _, _ = plain_cluster(store, model, 2)
+    memory = ClusterMemory(coord)
+    acme = memory.snapshot("acme")  # acme owns the even ids
+    assert sorted(acme.texts([0, 1, 2, 3, 999])) == [0, 2]
+    coord.delete([2])
+    assert sorted(memory.snapshot("acme").texts([0, 2])) == [0]
+    assert sorted(acme.texts([0, 2])) == [0, 2]  # the pinned snapshot still reads version-consistent texts
