@@ -7,6 +7,7 @@ routing calls are batched per layer. The model's modules hold no per-request sta
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,24 +35,33 @@ class Generator:
             torch.set_num_threads(threads)
         self._active = 0
         self._lock = threading.Lock()
+        if hasattr(memory, "active_requests"):  # a batching backend: do not wait for a batch when alone
+            memory.active_requests = lambda: self._active
 
     @classmethod
     def from_checkpoint(cls, path: str, memory: MemoryBackend, dtype: Any = None, device: str | None = None, **kw) -> "Generator":
         model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
         return cls(model, load_codec(path), memory, **kw)
 
-    def answer(self, question: str, tenant: str = DEFAULT_TENANT, config: InterleaveConfig | None = None) -> InterleaveResult:
+    @contextmanager
+    def _request(self):
+        """Count requests in flight (the batching backend waits for company only when there is some)."""
         with self._lock:
             self._active += 1
         try:
-            return answer_with_memory(self.model, self.codec, self.memory, question, config or InterleaveConfig(), tenant=tenant)
+            yield
         finally:
             with self._lock:
                 self._active -= 1
 
+    def answer(self, question: str, tenant: str = DEFAULT_TENANT, config: InterleaveConfig | None = None) -> InterleaveResult:
+        with self._request():
+            return answer_with_memory(self.model, self.codec, self.memory, question, config or InterleaveConfig(), tenant=tenant)
+
     def prefill_selection(self, input_ids: list[int], routing_mask: list[bool], tenant: str = DEFAULT_TENANT) -> dict:
         """Selections and last-token logits of one prefill (for exactness checks and debugging)."""
-        out = self.model.prefill(torch.tensor([input_ids]), self.memory, torch.tensor([routing_mask]), tenant=tenant)
+        with self._request():
+            out = self.model.prefill(torch.tensor([input_ids]), self.memory, torch.tensor([routing_mask]), tenant=tenant)
         return {"selected": out.selected, "scores": out.scores, "logits": out.logits[0].numpy(), "version": out.version}
 
     def stats(self) -> dict:

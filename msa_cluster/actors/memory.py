@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -45,6 +45,8 @@ class ClusterMemory:
         self.max_batch = max_batch
         self.retries = retries
         self.retry_delay_s = retry_delay_s
+        # Set by a Generator: how many requests are in flight. With one, waiting for a batch only adds latency.
+        self.active_requests: Callable[[], int] | None = None
         self._lock = threading.Lock()
         self._open: dict[tuple[int, int], _Batch] = {}  # (layer, top_k) -> batch filling
 
@@ -68,7 +70,8 @@ class ClusterMemory:
 
     def retrieve(self, view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tenant: str) -> Retrieval:
         """One row block of one request; batched with concurrent requests when a window is set."""
-        if self.batch_window_s <= 0:
+        alone = self.active_requests is not None and self.active_requests() <= 1
+        if self.batch_window_s <= 0 or alone:
             return self._with_retries(view, layer, query, top_k, [tenant] * query.batch_size, [view.version] * query.batch_size)
         key = (layer, top_k)  # rows carry their own tenant and version; the leader's shards serve all
         with self._lock:

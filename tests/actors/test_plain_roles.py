@@ -216,3 +216,21 @@ def test_cluster_texts_are_tenant_and_version_filtered(model, docs):
     coord.delete([2])
     assert sorted(memory.snapshot("acme").texts([0, 2])) == [0]
     assert sorted(acme.texts([0, 2])) == [0, 2]  # the pinned snapshot still reads version-consistent texts
+
+
+def test_generator_batches_only_with_company(model, docs):
+    """A lone request does not wait for a batch window; the Generator reports requests in flight."""
+    import time
+
+    from msa_cluster.actors.generator import Generator
+    from msa_cluster.model.tokenizer import ByteTokenizer
+
+    coord, _, _ = plain_cluster(store_with(model, docs), model, 2)
+    memory = ClusterMemory(coord, batch_window_s=0.5)
+    gen = Generator(model, ByteTokenizer(), memory)
+    ids, mask = random_prompt(model, 10)
+    t0 = time.monotonic()
+    got = gen.prefill_selection(ids[0].tolist(), mask[0].tolist(), "acme")
+    assert time.monotonic() - t0 < 0.5 * len(model.config.routing_layers)  # no window was waited
+    assert got["selected"] == model.prefill(ids, InProcessMemory(docs), mask, tenant="acme").selected
+    assert gen.stats() == {"active_requests": 0}
