@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from msa_cluster.actors.calls import gather, submit
+from msa_cluster.actors.calls import gather, is_actor, submit
 from msa_cluster.kernels.routing import merge_top_k
 from msa_cluster.types import Retrieval, RoutingQuery, ShardUnavailable
 
@@ -38,7 +38,7 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
     """Score at every router shard, merge to the global top-k, fetch the winners' K/V in one pass."""
     versions = [view.version] * query.batch_size if versions is None else list(versions)
     deadline = time.monotonic() + view.timeout_s
-    q = RoutingQuery(query.vectors.contiguous(), query.mask, query.spec, query.folded)
+    q = _shared(RoutingQuery(query.vectors.contiguous(), query.mask, query.spec, query.folded), view.routers)
     parts = gather([submit(r, "score", layer, q, top_k, list(tenants), versions) for r in view.routers], view.timeout_s)
     owner: dict[int, int] = {}
     for shard, rows in enumerate(parts):
@@ -69,6 +69,15 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
         keys.append(torch.cat(ks) if ks else torch.empty(0))
         values.append(torch.cat(vs) if vs else torch.empty(0))
     return Retrieval(selected=merged, keys=keys, values=values)
+
+
+def _shared(query: RoutingQuery, routers: Sequence[Any]) -> Any:
+    """Put the query in the object store once when several actors read it (else it is sent to each)."""
+    if sum(1 for r in routers if is_actor(r)) < 2:
+        return query
+    import ray
+
+    return ray.put(query)
 
 
 def fetch_texts(view: ClusterView, doc_ids: Sequence[int], tenant: str, version: int) -> dict[int, str]:

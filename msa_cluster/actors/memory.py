@@ -25,6 +25,7 @@ class _Batch:
     def __init__(self):
         self.rows: list[tuple[RoutingQuery, str, int]] = []
         self.done = threading.Event()
+        self.joined = threading.Event()  # set each time another request adds its rows
         self.result: Retrieval | None = None
         self.error: BaseException | None = None
 
@@ -84,9 +85,11 @@ class ClusterMemory:
             full = start + query.batch_size >= self.max_batch
             if full:
                 self._open.pop(key, None)
+        if not leader:
+            batch.joined.set()
         if leader:
             if not full:
-                time.sleep(self.batch_window_s)
+                self._wait_for_company(batch)
                 with self._lock:
                     if self._open.get(key) is batch:
                         del self._open[key]
@@ -98,6 +101,15 @@ class ClusterMemory:
         res = batch.result
         rows = slice(start, start + query.batch_size)
         return Retrieval(res.selected[rows], res.keys[rows], res.values[rows])
+
+    def _wait_for_company(self, batch: _Batch) -> None:
+        """Wait up to the window, but stop as soon as every request in flight has joined."""
+        deadline = time.monotonic() + self.batch_window_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self.active_requests is not None and len(batch.rows) >= self.active_requests():
+                return
+            batch.joined.wait(left)
+            batch.joined.clear()
 
     def _run(self, view: ClusterView, layer: int, top_k: int, batch: _Batch) -> None:
         try:
