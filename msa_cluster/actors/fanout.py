@@ -20,7 +20,7 @@ import torch
 
 from msa_cluster.actors.calls import gather, is_actor, submit
 from msa_cluster.kernels.routing import merge_top_k
-from msa_cluster.types import Retrieval, RoutingQuery, ShardUnavailable
+from msa_cluster.types import Retrieval, RoutingQuery, ScoredDoc, ShardUnavailable
 
 __all__ = ["ClusterView", "fan_out", "fetch_texts"]
 
@@ -39,7 +39,7 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
     versions = [view.version] * query.batch_size if versions is None else list(versions)
     deadline = time.monotonic() + view.timeout_s
     q = _shared(RoutingQuery(query.vectors.contiguous(), query.mask, query.spec, query.folded), view.routers)
-    parts = gather([submit(r, "score", layer, q, top_k, list(tenants), versions) for r in view.routers], view.timeout_s)
+    parts = _unique(gather([submit(r, "score", layer, q, top_k, list(tenants), versions) for r in view.routers], view.timeout_s))
     owner: dict[int, int] = {}
     for shard, rows in enumerate(parts):
         for row in rows:
@@ -69,6 +69,19 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
         keys.append(torch.cat(ks) if ks else torch.empty(0))
         values.append(torch.cat(vs) if vs else torch.empty(0))
     return Retrieval(selected=merged, keys=keys, values=values)
+
+
+def _unique(parts: list[list[list[ScoredDoc]]]) -> list[list[list[ScoredDoc]]]:
+    """Keep a document once per row: while a rebalance moves it, two shards may briefly both hold it."""
+    seen: list[set[int]] = [set() for _ in (parts[0] if parts else [])]
+    out = []
+    for rows in parts:
+        kept = []
+        for b, row in enumerate(rows):
+            kept.append([d for d in row if d.doc_id not in seen[b]])
+            seen[b].update(d.doc_id for d in row)
+        out.append(kept)
+    return out
 
 
 def _shared(query: RoutingQuery, routers: Sequence[Any]) -> Any:

@@ -234,3 +234,17 @@ def test_generator_batches_only_with_company(model, docs):
     assert time.monotonic() - t0 < 0.5 * len(model.config.routing_layers)  # no window was waited
     assert got["selected"] == model.prefill(ids, InProcessMemory(docs), mask, tenant="acme").selected
     assert gen.stats() == {"active_requests": 0}
+
+
+def test_a_document_on_two_shards_is_selected_once(model, docs):
+    """Mid-rebalance a document may sit on two shards: the merged selection still holds it once."""
+    from msa_cluster.actors.fanout import fan_out
+
+    store = store_with(model, docs)
+    coord, routers, _ = plain_cluster(store, model, 2)
+    q = _query(model)
+    want = fan_out(coord.view(), 2, q, 3, ["acme"]).selected
+    for r in routers:  # a stale copy of every document on the other shard, as during a move
+        r.update(coord.version, [d.doc_id for d in docs], [])
+    got = fan_out(coord.view(), 2, q, 3, ["acme"])
+    assert got.selected == want and len({d.doc_id for d in got.selected[0]}) == 3
