@@ -135,10 +135,10 @@ class RouterShard:
         sample = added[0][2]
         if self._arena is None:
             self._arena = torch.empty(len(self.routing_layers), 0, *sample.shape[2:], dtype=sample.dtype, device=self.device)
-        row_bytes = self._arena[:, :1].numel() * self._arena.element_size() if self._arena.shape[1] else sample[:, :1].numel() * sample.element_size()
-        if self.capacity_bytes is not None and (self._live_chunks() + extra) * row_bytes > self.capacity_bytes:
+        row_bytes = sample[:, :1].numel() * sample.element_size()  # one chunk, all routing layers
+        if self.capacity_bytes is not None and (self._held_chunks() + extra) * row_bytes > self.capacity_bytes:
             raise MemoryFullError(
-                f"router shard {self.shard_id} is full: {self._live_chunks()} + {extra} chunks exceed "
+                f"router shard {self.shard_id} is full: {self._held_chunks()} + {extra} chunks exceed "
                 f"{self.capacity_bytes} bytes; add router shards (nodes) or raise the capacity"
             )
         need = self._used + extra
@@ -147,7 +147,8 @@ class RouterShard:
             grown[:, : self._used] = self._arena[:, : self._used]
             self._arena = grown
 
-    def _live_chunks(self) -> int:
+    def _held_chunks(self) -> int:
+        """Chunks of every entry still held: visible ones and removed ones inside the grace period."""
         return sum(e.count for e in self._entries)
 
     def _prune(self, now: float) -> None:
@@ -157,7 +158,7 @@ class RouterShard:
             self.oldest_version = max(self.oldest_version, max(int(e.removed) for e in expired))
             keep = [e for e in self._entries if e.removed_at + self.grace_s > now]
             self._entries = keep
-        live = self._live_chunks()
+        live = self._held_chunks()
         if self._arena is not None and self._used > 1024 and live * 2 < self._used:
             arena = self._arena.new_empty(self._arena.shape[0], max(live, 1024), *self._arena.shape[2:])
             pos = 0
