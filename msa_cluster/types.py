@@ -6,8 +6,10 @@ heads (Hkv when the head reduction is folded, else the query head count H), B ba
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 
@@ -20,12 +22,15 @@ __all__ = [
     "ScoredDoc",
     "Retrieval",
     "Citation",
+    "MSAMemoryError",
     "MemoryError_",
     "MemoryFullError",
+    "ShardUnavailableError",
     "ShardUnavailable",
     "SnapshotGoneError",
     "StaleShardError",
     "UnknownDocumentError",
+    "check_tenant",
 ]
 
 DEFAULT_TENANT = "default"
@@ -36,28 +41,51 @@ QueryReduce = Literal["max", "mean", "last"]
 ChunkReduce = Literal["max", "mean"]
 
 
-class MemoryError_(RuntimeError):
-    """Base class of memory-layer errors a caller can handle (named to avoid the builtin)."""
+class MSAMemoryError(RuntimeError):
+    """Base class of memory-layer errors a caller can handle."""
 
 
-class MemoryFullError(MemoryError_):
-    """The router tier cannot take more documents: it never evicts, so it refuses."""
+MemoryError_ = MSAMemoryError  # deprecated name, kept for callers of 0.1
 
 
-class ShardUnavailable(MemoryError_):
-    """A shard did not answer in time or is dead; the request can be retried."""
+class MemoryFullError(MSAMemoryError):
+    """The router tier cannot take more documents: it never evicts, so it refuses the change whole."""
 
 
-class StaleShardError(ShardUnavailable):
-    """A shard has not applied the version a request pinned yet (it is catching up)."""
+class ShardUnavailableError(MSAMemoryError):
+    """A shard did not answer in time, is dead or is catching up; the request can be retried."""
 
 
-class SnapshotGoneError(MemoryError_):
-    """A request pinned a version older than the memory still keeps; retry with a new snapshot."""
+ShardUnavailable = ShardUnavailableError  # deprecated name, kept for callers of 0.1
 
 
-class UnknownDocumentError(MemoryError_, KeyError):
-    """A document id that the memory (for this tenant and snapshot) does not hold."""
+class StaleShardError(ShardUnavailableError):
+    """A shard has not applied the version a request pinned yet (it is catching up): retryable."""
+
+
+class SnapshotGoneError(MSAMemoryError):
+    """A pinned version is no longer kept (collected, or past its grace period); retry with a new snapshot."""
+
+
+class UnknownDocumentError(MSAMemoryError, KeyError):
+    """A document id (or client id) that this tenant does not hold at this version.
+
+    Another tenant's id gets exactly this error, with the same message as an id never used.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+def check_tenant(tenant: object) -> str:
+    """Return `tenant` if it is a valid tenant name, else raise ValueError naming it and the rule."""
+    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+        raise ValueError(f"tenant {tenant!r} is not a valid tenant name: 1-128 characters of letters, digits and ._:@- "
+                         "starting with a letter or digit")
+    return tenant
 
 
 @dataclass(frozen=True)
@@ -80,10 +108,14 @@ class EncodedDocument:
     tenant: str = DEFAULT_TENANT
     source: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    client_id: str | None = None  # the tenant's own name for the document; unique per tenant
 
     def __post_init__(self) -> None:
-        if not isinstance(self.doc_id, int) or self.doc_id < 0:
+        if not isinstance(self.doc_id, int) or isinstance(self.doc_id, bool) or self.doc_id < 0:
             raise ValueError(f"doc_id must be a non-negative int, got {self.doc_id!r}")
+        check_tenant(self.tenant)
+        if self.client_id is not None and (not isinstance(self.client_id, str) or not 0 < len(self.client_id) <= 256):
+            raise ValueError(f"client_id must be a non-empty string of at most 256 characters, got {self.client_id!r}")
         shape = tuple(self.keys.shape)
         for name in ("values", "router_keys"):
             if tuple(getattr(self, name).shape) != shape:

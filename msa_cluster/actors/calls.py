@@ -6,8 +6,9 @@ role raised itself (a ValueError, MemoryFullError, ...) is re-raised as that sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from msa_cluster.types import ShardUnavailable
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from msa_cluster.actors.calls import gather, submit
 from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts

@@ -6,7 +6,8 @@ wrapped as the reference does (`<|im_start|>[id]. text[id]<|im_end|>`) and token
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class Encoder:
         self.max_tokens, self.batch_tokens = max_tokens, batch_tokens
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | None = None, dtype: Any = None, **kw) -> "Encoder":
+    def from_checkpoint(cls, path: str, device: str | None = None, dtype: Any = None, **kw) -> Encoder:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device), load_codec(path), **kw)

@@ -39,7 +39,7 @@ class Generator:
             memory.active_requests = lambda: self._active
 
     @classmethod
-    def from_checkpoint(cls, path: str, memory: MemoryBackend, dtype: Any = None, device: str | None = None, **kw) -> "Generator":
+    def from_checkpoint(cls, path: str, memory: MemoryBackend, dtype: Any = None, device: str | None = None, **kw) -> Generator:
         model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
         return cls(model, load_codec(path), memory, **kw)
 

@@ -10,7 +10,7 @@ Legend: C chunks, Hkv kv heads, D head dim.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class ClusterMemory:
         """Exponential wait between retries (a killed actor takes seconds to restart), capped at 5 s."""
         time.sleep(min(self.retry_delay_s * 2**attempt, 5.0))
 
-    def snapshot(self, tenant: str = DEFAULT_TENANT) -> "ClusterSnapshot":
+    def snapshot(self, tenant: str = DEFAULT_TENANT) -> ClusterSnapshot:
         return ClusterSnapshot(self, self.view(), tenant)
 
     def retrieve(self, view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tenant: str) -> Retrieval:

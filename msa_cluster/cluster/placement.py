@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -73,7 +74,7 @@ class MemoryCluster:
 
     @classmethod
     def start(cls, store_url: str, fingerprint: ModelFingerprint, spec: ClusterSpec = ClusterSpec(),
-              storage_options: dict | None = None) -> "MemoryCluster":
+              storage_options: dict | None = None) -> MemoryCluster:
         """Start the coordinator (named, detached) and the shard pairs; wait until all are loaded."""
         self = cls(spec, store_url, fingerprint, storage_options)
         use_gpus = self._use_gpus()

@@ -22,7 +22,7 @@ chunk wherever it sits, so selections are reproducible on one device class.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -364,7 +364,7 @@ def select_top_k(scores: torch.Tensor, doc_ids: torch.Tensor, k: int) -> list[li
         if cand.numel() > k:  # keep every column that can reach the k-th place, ties included
             kth = torch.topk(row[cand], k).values[-1]
             cand = cand[row[cand] >= kth]
-        ranked = sorted(((-float(row[i]), ids[i]) for i in cand.tolist()))[:k]
+        ranked = sorted((-float(row[i]), ids[i]) for i in cand.tolist())[:k]
         out.append([ScoredDoc(doc_id=d, score=-s) for s, d in ranked])
     return out
 
@@ -375,6 +375,6 @@ def merge_top_k(parts: Sequence[list[list[ScoredDoc]]], k: int) -> list[list[Sco
         return []
     merged = []
     for rows in zip(*parts):
-        pool = sorted(((-d.score, d.doc_id) for row in rows for d in row))[:k]
+        pool = sorted((-d.score, d.doc_id) for row in rows for d in row)[:k]
         merged.append([ScoredDoc(doc_id=d, score=-s) for s, d in pool])
     return merged

@@ -93,7 +93,7 @@ class MemoryConfig:
             raise ValueError(f"msa_config.similarity must be one of {_SIMILARITY}, got {self.similarity!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "MemoryConfig":
+    def from_dict(cls, data: dict[str, Any] | None) -> MemoryConfig:
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -6,8 +6,8 @@ constrain or script the output (the interleave tests force tokens with one).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -9,8 +9,9 @@ and returns their pooled K/V together. The Ray backend in `actors/` implements t
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -64,7 +65,7 @@ class LayerIndex:
     doc_ids: torch.Tensor
 
     @classmethod
-    def build(cls, docs: Sequence[EncodedDocument], layer: int) -> "LayerIndex":
+    def build(cls, docs: Sequence[EncodedDocument], layer: int) -> LayerIndex:
         docs = sorted(docs, key=lambda d: d.doc_id)
         if docs:
             rk = torch.cat([d.router_keys[d.layer_index(layer)] for d in docs])
@@ -140,13 +141,13 @@ class InProcessMemory:
     @classmethod
     def from_documents(
         cls,
-        model: "MSAForCausalLM",
+        model: MSAForCausalLM,
         docs: Sequence[Sequence[int]],
         texts: Sequence[str | None] | None = None,
         tenants: Sequence[str] | None = None,
         doc_ids: Sequence[int] | None = None,
         batch_tokens: int = 8192,
-    ) -> "InProcessMemory":
+    ) -> InProcessMemory:
         """Encode already-wrapped token id lists with `model`; doc id = list index unless given."""
         encoded = model.encode_documents(docs, texts=texts, tenants=tenants, doc_ids=doc_ids, batch_tokens=batch_tokens)
         return cls(encoded, routing_layers=model.config.routing_layers)

@@ -10,8 +10,8 @@ positions 0..2; prompt token i >= 3 takes 3 + k + (i - 3), whatever the number o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -271,8 +271,8 @@ class MSAForCausalLM(PreTrainedModel):
         )
         return PrefillOutput(
             logits=logits,
-            selected={l: [d.doc_id for d in s] for l, s in selected.items()},
-            scores={l: [d.score for d in s] for l, s in selected.items()},
+            selected={layer: [d.doc_id for d in s] for layer, s in selected.items()},
+            scores={layer: [d.score for d in s] for layer, s in selected.items()},
             context=context,
             version=context.version,
         )
@@ -309,7 +309,7 @@ class MSAForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path, *args, dtype=None, device=None, **kwargs) -> "MSAForCausalLM":
+    def from_pretrained(cls, path, *args, dtype=None, device=None, **kwargs) -> MSAForCausalLM:
         """Load a local MSA-format checkpoint directory (config.json + safetensors), strictly."""
         from msa_cluster.model.checkpoint import load_checkpoint
 

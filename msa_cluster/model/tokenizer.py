@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 __all__ = ["Codec", "ByteTokenizer", "HFCodec", "load_codec", "SPECIAL_TOKENS"]
 
@@ -86,7 +87,7 @@ class ByteTokenizer:
         Path(directory, self.FILE).write_text(json.dumps({"type": "bytes", "special_tokens": list(self.special)}, indent=1))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ByteTokenizer":
+    def load(cls, directory: str | Path) -> ByteTokenizer:
         data = json.loads(Path(directory, cls.FILE).read_text())
         if data.get("type") != "bytes":
             raise ValueError(f"{cls.FILE} in {directory} has type {data.get('type')!r}, expected 'bytes'")

@@ -24,8 +24,9 @@ import json
 import math
 import sys
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +43,6 @@ __all__ = [
     "RouterFile",
     "encode_segment",
     "decode_docs",
-    "decode_router",
     "decode_content_range",
     "decode_text_range",
     "doc_checksums",
@@ -77,7 +77,7 @@ class TensorLayout:
     chunk_size: int
 
     @classmethod
-    def from_fingerprint(cls, fp: ModelFingerprint) -> "TensorLayout":
+    def from_fingerprint(cls, fp: ModelFingerprint) -> TensorLayout:
         name = _dtype_name(fp.dtype)
         if name not in _DTYPES:
             raise ValueError(f"fingerprint dtype {fp.dtype!r} is not storable; allowed: {sorted(_DTYPES)}")
@@ -206,8 +206,9 @@ def _fixed_array(values: Sequence[int], type_: pa.DataType) -> pa.Array:
     return pa.Array.from_buffers(type_, len(arr), [None, pa.py_buffer(arr)])
 
 
-def _string_array(values: Sequence[str | None], type_: pa.DataType = pa.string()) -> pa.Array:
+def _string_array(values: Sequence[str | None], type_: pa.DataType | None = None) -> pa.Array:
     """string (int32 offsets) or large_string (int64) array; None becomes null."""
+    type_ = pa.string() if type_ is None else type_
     encoded = [v.encode("utf-8") if v is not None else b"" for v in values]
     offsets = np.zeros(len(values) + 1, dtype=np.int64 if type_ == pa.large_string() else np.int32)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])

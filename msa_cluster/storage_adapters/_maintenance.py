@@ -45,7 +45,7 @@ def _pick(m: Manifest, small: int) -> list[SegmentRef]:
     return [s for s in m.segments if s.id in picked]
 
 
-def _segment_docs(store: "MemoryStore", seg: SegmentRef, bufs: dict, dead: frozenset = frozenset()):
+def _segment_docs(store: MemoryStore, seg: SegmentRef, bufs: dict, dead: frozenset = frozenset()):
     """Yield (document, (K/V CRC, router CRC)) of a segment's rows not in `dead`, checksum-verified,
     decoded from the bytes of its three files."""
     names = {k: store._fs.display(ref.path) for k, ref in seg.files.items()}
@@ -74,7 +74,7 @@ def _segment_docs(store: "MemoryStore", seg: SegmentRef, bufs: dict, dead: froze
         yield doc, (row.content_crc, row.router_crc)
 
 
-def _rewrite(store: "MemoryStore", cands: list[SegmentRef], m: Manifest):
+def _rewrite(store: MemoryStore, cands: list[SegmentRef], m: Manifest):
     """Stream the live rows of `cands` into new segments; memory holds about one segment of each."""
     written, pending, crcs, size = [], [], [], 0
     try:
@@ -96,7 +96,7 @@ def _rewrite(store: "MemoryStore", cands: list[SegmentRef], m: Manifest):
     return written
 
 
-def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitResult":
+def compact(store: MemoryStore, small_segment_bytes: int | None) -> CommitResult:
     from msa_cluster.storage_adapters.store import CommitResult, _Restart
 
     small = store.config.max_segment_bytes // 4 if small_segment_bytes is None else small_segment_bytes
@@ -137,7 +137,7 @@ def compact(store: "MemoryStore", small_segment_bytes: int | None) -> "CommitRes
 
 
 # -------------------------------------------------------------------------------- garbage collection
-def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: float) -> GCReport:
+def collect_garbage(store: MemoryStore, grace_s: float, uncommitted_grace_s: float) -> GCReport:
     fs, now = store._fs, time.time()
     manifests: dict[int, Manifest] = {}
     for v in store.versions():
@@ -179,11 +179,11 @@ def collect_garbage(store: "MemoryStore", grace_s: float, uncommitted_grace_s: f
 
 
 # -------------------------------------------------------------------------------- verification
-def _verify_segment(store: "MemoryStore", seg: SegmentRef, bufs: dict) -> int:
+def _verify_segment(store: MemoryStore, seg: SegmentRef, bufs: dict) -> int:
     return sum(1 for _ in _segment_docs(store, seg, bufs))
 
 
-def verify(store: "MemoryStore", version: int) -> VerifyReport:
+def verify(store: MemoryStore, version: int) -> VerifyReport:
     m = store._manifest(version)
     problems: list[tuple[str, str]] = []
     files = documents = nbytes = 0

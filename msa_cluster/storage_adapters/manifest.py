@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from msa_cluster.storage_adapters._format import FORMAT_VERSION, crc32
 from msa_cluster.storage_adapters.errors import CorruptStoreError
@@ -83,7 +84,7 @@ class Manifest:
         out.update(f.path for f in self.artifacts.values())
         return out
 
-    def child(self, operation: str, **changes: Any) -> "Manifest":
+    def child(self, operation: str, **changes: Any) -> Manifest:
         """The next version built on this one (tombstones of dropped segments are dropped)."""
         m = replace(
             self, version=self.version + 1, parent=self.version, created_at=time.time(), operation=operation, **changes
@@ -119,7 +120,7 @@ class Manifest:
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, name: str) -> "Manifest":
+    def from_json(cls, data: bytes, name: str) -> Manifest:
         try:
             body = json.loads(data)
             stored = body.pop("crc32")

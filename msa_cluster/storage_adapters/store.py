@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -146,7 +147,7 @@ class MemoryStore:
         create: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         config: StoreConfig | None = None,
-    ) -> "MemoryStore":
+    ) -> MemoryStore:
         """Open the store at `url` encoded by the model `fingerprint`; `create` makes an empty one if absent.
 
         Raises StoreNotFoundError (no store and not `create`) or FingerprintMismatchError.
@@ -170,7 +171,7 @@ class MemoryStore:
         with self._lock:
             self._snapshots.clear()
 
-    def __enter__(self) -> "MemoryStore":
+    def __enter__(self) -> MemoryStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -519,7 +520,7 @@ class MemoryStore:
 
         return compact(self, small_segment_bytes)
 
-    def gc(self, grace_s: float | None = None, uncommitted_grace_s: float | None = None) -> "GCReport":
+    def gc(self, grace_s: float | None = None, uncommitted_grace_s: float | None = None) -> GCReport:
         """Delete versions superseded more than `grace_s` ago, then the files no kept version uses.
 
         A file that only collected versions used goes at once; a file no version ever used (an
@@ -532,7 +533,7 @@ class MemoryStore:
         floor = self.config.uncommitted_grace_s if uncommitted_grace_s is None else uncommitted_grace_s
         return collect_garbage(self, grace, floor)
 
-    def verify(self, version: int | None = None) -> "VerifyReport":
+    def verify(self, version: int | None = None) -> VerifyReport:
         """Check every file and every document of a version; raises CorruptStoreError naming the files."""
         from msa_cluster.storage_adapters._maintenance import verify
 

@@ -151,7 +151,9 @@ class Dense:
             chunks_k, chunks_v, owner = [], [], []
             if i in self.route_layers:
                 for n, p in enumerate(pooled):
-                    chunks_k.append(p[i][0]); chunks_v.append(p[i][1]); owner += [n] * p[i][0].shape[0]
+                    chunks_k.append(p[i][0])
+                    chunks_v.append(p[i][1])
+                    owner += [n] * p[i][0].shape[0]
                 sel = []
                 if mask.any() and pooled:
                     rq = (h @ self.w(i, "self_attn.router_q_proj.0.weight").T).view(T, self.H, self.D) if self.m.decouple_router else q

