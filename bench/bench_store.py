@@ -29,7 +29,7 @@ import zlib
 
 import torch
 
-from msa_cluster.storage_adapters import MemoryStore, StoreConfig
+from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreConfig
 from msa_cluster.types import EncodedDocument, ModelFingerprint
 
 LAYERS = tuple(range(18, 36))
@@ -91,6 +91,7 @@ def raw_read(path: str) -> float:
 
 def store_write(root: str, docs, verify: bool) -> float:
     store = MemoryStore.open(root, FP, create=True, config=StoreConfig(verify_writes=verify))
+    assert store.allocate_ids("default", count=len(docs)) == [d.doc_id for d in docs]  # ids 0..N-1, untimed
     t = time.perf_counter()
     store.insert(docs)
     return time.perf_counter() - t
@@ -100,11 +101,11 @@ def store_read(root: str) -> float:
     """A fresh handle loads every router key in bulk, then every document's K/V and text."""
     t = time.perf_counter()
     snap = MemoryStore.open(root, FP).snapshot()
-    snap.router_keys()
-    ids = snap.doc_ids()
+    snap.router_keys(tenant=ALL_TENANTS)
+    ids = snap.doc_ids(ALL_TENANTS)
     for i in ids:
-        snap.read_kv(i)
-    snap.texts(ids)
+        snap.read_kv(i, ALL_TENANTS)
+    snap.texts(ids, ALL_TENANTS)
     return time.perf_counter() - t
 
 

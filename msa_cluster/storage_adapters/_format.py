@@ -37,6 +37,7 @@ from msa_cluster.types import EncodedDocument, ModelFingerprint
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
     "TensorLayout",
     "DocRow",
     "SegmentDocs",
@@ -50,7 +51,8 @@ __all__ = [
     "crc32",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifests allocate document ids per tenant; docs tables carry client ids
+READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 stores open, and are upgraded by their next commit
 _META_KEY = b"msa.segment"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -155,12 +157,13 @@ class DocRow:
     text_offset: int
     text_length: int  # -1: the document has no text
     text_crc: int
+    client_id: str | None = None  # the tenant's alias of the document (absent in format 1 segments)
 
     def digest(self) -> tuple:
         """What makes two stored documents the same content (for idempotent re-inserts)."""
         return (
             self.tenant, self.source, self.metadata, self.num_tokens, self.num_chunks,
-            self.content_crc, self.router_crc, self.text_length, self.text_crc,
+            self.content_crc, self.router_crc, self.text_length, self.text_crc, self.client_id,
         )  # fmt: skip
 
     @property
@@ -182,7 +185,10 @@ _DOCS_FIELDS = [
     ("text_offset", pa.int64()),
     ("text_length", pa.int64()),
     ("text_crc", pa.uint32()),
+    ("client_id", pa.string()),  # nullable; not in the docs tables of format 1
 ]
+_NULLABLE = {"client_id"}
+_V1_DOCS_FIELDS = _DOCS_FIELDS[:-1]
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -223,14 +229,19 @@ def _read_fixed(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype=_NP[arr.type])[arr.offset : arr.offset + len(arr)]
 
 
-def _read_strings(arr: pa.Array) -> list[str]:
-    if arr.null_count:
+def _read_strings(arr: pa.Array, nullable: bool = False) -> list[str | None]:
+    if arr.null_count and not nullable:
         raise ValueError(f"unexpected nulls in a {arr.type} column")
     width = np.int64 if arr.type == pa.large_string() else np.int32
     offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
     data = arr.buffers()[2]
     raw = data.to_pybytes() if data is not None else b""
-    return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    out: list[str | None] = [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    if arr.null_count:
+        valid = np.unpackbits(np.frombuffer(arr.buffers()[0], dtype=np.uint8), bitorder="little")
+        valid = valid[arr.offset : arr.offset + len(arr)]
+        out = [v if ok else None for v, ok in zip(out, valid.tolist())]
+    return out
 
 
 def _binary_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
@@ -335,7 +346,7 @@ def encode_segment(
     rows = []
     for i, d in enumerate(docs):
         has_text = d.text is not None
-        text_bytes = d.text.encode("utf-8") if has_text else b""
+        text_bytes = d.text.encode("utf-8") if d.text is not None else b""
         rows.append(
             DocRow(
                 doc_id=d.doc_id,
@@ -351,6 +362,7 @@ def encode_segment(
                 text_offset=int(text_offsets[i]) if has_text else -1,
                 text_length=int(text_lens[i]) if has_text else -1,
                 text_crc=crc32(text_bytes) if has_text else 0,
+                client_id=d.client_id,
             )
         )
     cols = {name: [getattr(r, name) for r in rows] for name, _ in _DOCS_FIELDS}
@@ -375,15 +387,16 @@ class SegmentDocs:
 
 def decode_docs(segment_id: str, buf: Any, name: str) -> SegmentDocs:
     batch, _ = _open_batch(buf, name)
-    want = [n for n, _ in _DOCS_FIELDS]
+    fields = _V1_DOCS_FIELDS if len(batch.schema.names) == len(_V1_DOCS_FIELDS) else _DOCS_FIELDS
+    want = [n for n, _ in fields]
     if batch.schema.names != want:
         raise CorruptStoreError(f"segment file {name} has columns {batch.schema.names}, expected {want}", (name,))
-    if [f.type for f in batch.schema] != [t for _, t in _DOCS_FIELDS]:
+    if [f.type for f in batch.schema] != [t for _, t in fields]:
         raise CorruptStoreError(f"segment file {name} has column types {batch.schema.types}", (name,))
     try:
         cols = [
-            _read_strings(batch.column(n)) if t == pa.string() else _read_fixed(batch.column(n)).tolist()
-            for n, t in _DOCS_FIELDS
+            _read_strings(batch.column(n), n in _NULLABLE) if t == pa.string() else _read_fixed(batch.column(n)).tolist()
+            for n, t in fields
         ]
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptStoreError(f"segment file {name} has an unreadable column: {e}", (name,)) from e
@@ -396,7 +409,7 @@ def decode_docs(segment_id: str, buf: Any, name: str) -> SegmentDocs:
 def _check_meta(batch: pa.RecordBatch, layout: TensorLayout, name: str, kind: str) -> None:
     raw = (batch.schema.metadata or {}).get(_META_KEY)
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw or b"")
     except (TypeError, ValueError) as e:
         raise CorruptStoreError(f"segment file {name} has no readable segment metadata", (name,)) from e
     want = json.loads(layout.segment_meta("", kind)[_META_KEY])

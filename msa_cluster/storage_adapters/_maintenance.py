@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from msa_cluster.storage_adapters._format import RouterFile, decode_content_range, decode_docs, decode_text_range
-from msa_cluster.storage_adapters.errors import CommitConflictError, CorruptStoreError, SnapshotExpiredError
+from msa_cluster.storage_adapters._format import DocRow, RouterFile, decode_content_range, decode_docs, decode_text_range
+from msa_cluster.storage_adapters.errors import CommitConflictError, CorruptStoreError
 from msa_cluster.storage_adapters.manifest import MANIFEST_DIR, Manifest, SegmentRef, manifest_path
-from msa_cluster.types import EncodedDocument
+from msa_cluster.storage_adapters.snapshot import ALL_TENANTS
+from msa_cluster.types import EncodedDocument, SnapshotGoneError
 
 if TYPE_CHECKING:
     from msa_cluster.storage_adapters.store import CommitResult, MemoryStore
@@ -70,6 +71,7 @@ def _segment_docs(store: MemoryStore, seg: SegmentRef, bufs: dict, dead: frozens
             tenant=row.tenant,
             source=row.source,
             metadata=row.metadata_dict,
+            client_id=row.client_id,
         )
         yield doc, (row.content_crc, row.router_crc)
 
@@ -108,25 +110,8 @@ def compact(store: MemoryStore, small_segment_bytes: int | None) -> CommitResult
             return CommitResult(version=m.version)
         cand_ids = {s.id for s in cands}
         written = _rewrite(store, cands, m)
-
-        def build(base: Manifest):
-            if not cand_ids <= {s.id for s in base.segments}:
-                raise _Restart
-            now = store.snapshot(base.version)
-            tombs = {k: set(v) for k, v in base.tombstones.items() if k not in cand_ids}
-            segments = [s for s in base.segments if s.id not in cand_ids]
-            for seg, new_rows in written:
-                # rows deleted or replaced since this compaction started stay dead in the new segment
-                dead = {r.doc_id for r in new_rows if r.doc_id not in now or now.info(r.doc_id).segment_id not in cand_ids}
-                if len(dead) < len(new_rows):
-                    segments.append(seg)
-                    if dead:
-                        tombs[seg.id] = dead
-            result = CommitResult(0, rewritten_segments=tuple(sorted(cand_ids)))
-            return {"segments": tuple(segments), "tombstones": tombs}, result
-
         try:
-            return store._commit("compact", build, m)
+            return store._commit("compact", _compaction_plan(store, cand_ids, written), m)
         except _Restart:
             log.info("store %s: compaction inputs changed under it; starting over", store.url)
             store._discard(seg for seg, _ in written)
@@ -136,6 +121,31 @@ def compact(store: MemoryStore, small_segment_bytes: int | None) -> CommitResult
     raise CommitConflictError(f"store {store.url}: compaction kept racing other compactions; gave up")
 
 
+def _compaction_plan(store: MemoryStore, cand_ids: set[str], written: list[tuple[SegmentRef, list[DocRow]]]) -> Any:
+    """The commit's build: swap the rewritten segments `cand_ids` for `written` on any base."""
+    from msa_cluster.storage_adapters.store import CommitResult, _Restart
+
+    def build(base: Manifest):
+        if not cand_ids <= {s.id for s in base.segments}:
+            raise _Restart
+        now = store.snapshot(base.version)
+        tombs = {k: set(v) for k, v in base.tombstones.items() if k not in cand_ids}
+        segments = [s for s in base.segments if s.id not in cand_ids]
+        for seg, new_rows in written:
+            # rows deleted or replaced since this compaction started stay dead in the new segment
+            dead = {
+                r.doc_id for r in new_rows if r.doc_id not in now or now.info(r.doc_id, ALL_TENANTS).segment_id not in cand_ids
+            }
+            if len(dead) < len(new_rows):
+                segments.append(seg)
+                if dead:
+                    tombs[seg.id] = dead
+        result = CommitResult(0, rewritten_segments=tuple(sorted(cand_ids)))
+        return {"segments": tuple(segments), "tombstones": tombs}, result
+
+    return build
+
+
 # -------------------------------------------------------------------------------- garbage collection
 def collect_garbage(store: MemoryStore, grace_s: float, uncommitted_grace_s: float) -> GCReport:
     fs, now = store._fs, time.time()
@@ -143,7 +153,7 @@ def collect_garbage(store: MemoryStore, grace_s: float, uncommitted_grace_s: flo
     for v in store.versions():
         try:
             manifests[v] = store._manifest(v)
-        except SnapshotExpiredError:  # another gc took it
+        except SnapshotGoneError:  # another gc took it
             continue
     versions = sorted(manifests)
     if not versions:

@@ -1,11 +1,12 @@
 """Typed errors of the memory store. Every one names the file, version or value at fault.
 
-`UnknownDocumentError` and `MemoryFullError` come from `msa_cluster.types` and are reused here.
+`UnknownDocumentError`, `SnapshotGoneError` and `MemoryFullError` come from `msa_cluster.types`
+and are reused here.
 """
 
 from __future__ import annotations
 
-from msa_cluster.types import MemoryError_
+from msa_cluster.types import MemoryError_, SnapshotGoneError
 
 __all__ = [
     "StoreError",
@@ -49,5 +50,4 @@ class DocumentExistsError(StoreError, ValueError):
     """An insert names a document id that is live with different content, and replace was not asked."""
 
 
-class SnapshotExpiredError(StoreError):
-    """A pinned version (or a file it references) was garbage-collected after its grace period."""
+SnapshotExpiredError = SnapshotGoneError  # deprecated name: a pinned version that gc collected is SnapshotGoneError

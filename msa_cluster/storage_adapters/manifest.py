@@ -7,18 +7,19 @@ The JSON carries its own CRC32, so a damaged manifest is an error, never a wrong
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from msa_cluster.storage_adapters._format import FORMAT_VERSION, crc32
+from msa_cluster.storage_adapters._format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, crc32
 from msa_cluster.storage_adapters.errors import CorruptStoreError
 from msa_cluster.types import ModelFingerprint
 
-__all__ = ["FileRef", "SegmentRef", "Manifest", "MANIFEST_DIR", "manifest_path", "parse_manifest_name"]
+__all__ = ["FileRef", "SegmentRef", "IdAllocation", "Manifest", "MANIFEST_DIR", "manifest_path", "parse_manifest_name"]
 
 MANIFEST_DIR = "manifest"
 _NAME = re.compile(r"^v(\d{12})\.json$")
@@ -61,9 +62,76 @@ class SegmentRef:
         return sum(f.size for f in self.files.values())
 
 
+Range = tuple[int, int]  # [start, end) of document ids
+
+
+def _merge(ranges: Iterable[Range]) -> tuple[Range, ...]:
+    """Sorted, non-empty ranges with overlapping or adjacent ones merged."""
+    out: list[list[int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return tuple((a, b) for a, b in out)
+
+
+@dataclass(frozen=True)
+class IdAllocation:
+    """Which document ids the store has handed out, and to which tenant.
+
+    Ids are global ints, allocated upward from 0 and never reused: `next_doc_id` is the next
+    one to hand out; `ranges[tenant]` the [start, end) ranges allocated to a tenant (sorted,
+    adjacent ones merged), so ranges of different tenants never overlap.
+    """
+
+    next_doc_id: int = 0
+    ranges: Mapping[str, tuple[Range, ...]] = field(default_factory=dict)
+
+    def owns(self, tenant: str, doc_id: int) -> bool:
+        """True if `doc_id` was allocated to `tenant`."""
+        ranges = self.ranges.get(tenant, ())
+        i = bisect.bisect_right(ranges, doc_id, key=lambda r: r[0]) - 1
+        return i >= 0 and ranges[i][0] <= doc_id < ranges[i][1]
+
+    def allocate(self, tenant: str, count: int) -> tuple[IdAllocation, range]:
+        """The allocation after handing `count` fresh ids to `tenant`, and those ids."""
+        start = self.next_doc_id
+        ranges = dict(self.ranges)
+        ranges[tenant] = _merge((*ranges.get(tenant, ()), (start, start + count)))
+        return IdAllocation(start + count, ranges), range(start, start + count)
+
+    @classmethod
+    def derive(cls, owners: Mapping[int, str], highest: int) -> IdAllocation:
+        """The allocation of a store of format 1: each live id is its document's tenant's; ids
+        up to `highest` (the largest ever stored) are spent."""
+        by_tenant: dict[str, list[Range]] = {}
+        for doc_id, tenant in owners.items():
+            by_tenant.setdefault(tenant, []).append((doc_id, doc_id + 1))
+        return cls(highest + 1, {t: _merge(r) for t, r in by_tenant.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "next_doc_id": self.next_doc_id,
+            "id_ranges": {t: [list(r) for r in rs] for t, rs in sorted(self.ranges.items())},
+        }
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> IdAllocation:
+        ranges = {str(t): _merge((int(a), int(b)) for a, b in rs) for t, rs in body["id_ranges"].items()}
+        out = cls(int(body["next_doc_id"]), ranges)
+        if any(r[-1][1] > out.next_doc_id for r in ranges.values() if r) or out.next_doc_id < 0:
+            raise ValueError(f"id ranges reach past next_doc_id {out.next_doc_id}")
+        return out
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """One committed version. `tombstones[segment_id]` holds the ids of that segment's dead rows."""
+    """One committed version. `tombstones[segment_id]` holds the ids of that segment's dead rows.
+
+    ids: the document ids allocated so far; None in a version written by format 1 (the store
+    derives it from the live documents, see `StoreSnapshot.ids`, and writes it on its next commit).
+    """
 
     version: int
     fingerprint: ModelFingerprint
@@ -73,6 +141,7 @@ class Manifest:
     parent: int | None = None
     created_at: float = 0.0
     operation: str = "create"
+    ids: IdAllocation | None = field(default_factory=IdAllocation)
 
     @property
     def path(self) -> str:
@@ -95,6 +164,7 @@ class Manifest:
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> bytes:
+        assert self.ids is not None, "a format-1 manifest is upgraded before it is written"
         body = {
             "format": "msa-store",
             "format_version": FORMAT_VERSION,
@@ -114,6 +184,7 @@ class Manifest:
             ],
             "tombstones": {k: sorted(v) for k, v in sorted(self.tombstones.items())},
             "artifacts": {k: asdict(f) for k, f in sorted(self.artifacts.items())},
+            **self.ids.to_json(),
         }
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         body["crc32"] = crc32(canonical.encode())
@@ -127,8 +198,10 @@ class Manifest:
             canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
             if crc32(canonical.encode()) != stored:
                 raise ValueError("checksum mismatch")
-            if body["format"] != "msa-store" or body["format_version"] != FORMAT_VERSION:
-                raise ValueError(f"format {body['format']!r} v{body['format_version']} is not msa-store v{FORMAT_VERSION}")
+            if body["format"] != "msa-store" or body["format_version"] not in READABLE_FORMAT_VERSIONS:
+                raise ValueError(
+                    f"format {body['format']!r} v{body['format_version']} is not msa-store v{READABLE_FORMAT_VERSIONS}"
+                )
             fp = dict(body["fingerprint"])
             fp["routing_layers"] = tuple(fp["routing_layers"])
             segments = tuple(
@@ -151,6 +224,7 @@ class Manifest:
                 segments=segments,
                 tombstones={k: frozenset(int(x) for x in v) for k, v in body["tombstones"].items()},
                 artifacts={k: FileRef(**f) for k, f in body["artifacts"].items()},
+                ids=IdAllocation.from_json(body) if body["format_version"] >= 2 else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptStoreError(f"manifest {name} is corrupt: {e}", (name,)) from e

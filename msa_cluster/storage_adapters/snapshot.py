@@ -6,12 +6,13 @@ D head dim, N documents.
 
 from __future__ import annotations
 
+import enum
 import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 import numpy as np
 import torch
@@ -27,11 +28,40 @@ from msa_cluster.storage_adapters._format import (
     decode_text_range,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
-from msa_cluster.storage_adapters.errors import CorruptStoreError, SnapshotExpiredError
-from msa_cluster.storage_adapters.manifest import FileRef, Manifest, SegmentRef
-from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
+from msa_cluster.storage_adapters.errors import CorruptStoreError
+from msa_cluster.storage_adapters.manifest import FileRef, IdAllocation, Manifest, SegmentRef
+from msa_cluster.types import EncodedDocument, ModelFingerprint, SnapshotGoneError, UnknownDocumentError, check_tenant
 
-__all__ = ["StoreSnapshot", "DocInfo", "RouterKeys"]
+__all__ = ["StoreSnapshot", "DocInfo", "RouterKeys", "ALL_TENANTS", "TenantScope", "check_scope", "unknown_documents"]
+
+
+class _Scope(enum.Enum):
+    ALL_TENANTS = "ALL_TENANTS"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+ALL_TENANTS: Final = _Scope.ALL_TENANTS
+"""Pass as `tenant` for an operator's or the cluster's own read across every tenant (shard
+loads, compaction, verification). Never derive it from a request: requests name one tenant."""
+
+TenantScope = str | Literal[_Scope.ALL_TENANTS]  # a tenant name, or ALL_TENANTS
+
+
+def check_scope(tenant: object) -> TenantScope:
+    """`tenant` if it is ALL_TENANTS or a valid tenant name, else ValueError naming it."""
+    return ALL_TENANTS if tenant is ALL_TENANTS else check_tenant(tenant)
+
+
+def unknown_documents(doc_ids: Sequence[int], tenant: TenantScope) -> UnknownDocumentError:
+    """The one error for ids that `tenant` does not hold: its text is the same whether an id is
+    another tenant's, deleted, or was never allocated, so it tells nothing about other tenants."""
+    ids = list(doc_ids)
+    owner = "the store" if tenant is ALL_TENANTS else f"tenant {tenant!r}"
+    if len(ids) == 1:
+        return UnknownDocumentError(f"document {ids[0]} is not a document of {owner}")
+    return UnknownDocumentError(f"documents {ids} are not documents of {owner}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,7 @@ class DocInfo:
     num_chunks: int
     segment_id: str
     has_text: bool
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,8 +207,10 @@ class SegmentCache:
 class StoreSnapshot:
     """One committed version of a store, pinned: every read sees exactly this version.
 
-    Safe to share between threads. Reads never return a deleted (tombstoned) document, and with
-    `tenant=` never another tenant's document. Every tensor read is checksum-verified.
+    Safe to share between threads. Reads never return a deleted (tombstoned) document. Every
+    read names its tenant (or ALL_TENANTS, for the cluster's own reads) and never returns another
+    tenant's document: to a tenant, another tenant's id is an id that does not exist. Every
+    tensor read is checksum-verified.
     """
 
     def __init__(self, manifest: Manifest, fs: StoreFS, cache: SegmentCache):
@@ -187,6 +220,8 @@ class StoreSnapshot:
         self._fs, self._cache, self._layout = fs, cache, cache.layout
         self._segments = {s.id: s for s in manifest.segments}
         self._dir: dict[int, tuple[SegmentRef, int]] | None = None
+        self._aliases: dict[tuple[str, str], int] = {}  # (tenant, client id) -> live doc id
+        self._ids: IdAllocation | None = manifest.ids
         self._dir_lock = threading.Lock()
 
     # ------------------------------------------------------------------ directory
@@ -196,7 +231,7 @@ class StoreSnapshot:
             return fn(*args)
         except FileNotFoundError as e:
             if not self._fs.exists(self.manifest.path):
-                raise SnapshotExpiredError(
+                raise SnapshotGoneError(
                     f"store version {self.version} of {self._fs.url} was garbage-collected; open a new snapshot"
                 ) from e
             raise CorruptStoreError(f"a file of store version {self.version} is missing: {e.filename or e}") from e
@@ -209,6 +244,7 @@ class StoreSnapshot:
 
     def _build_directory(self) -> dict[int, tuple[SegmentRef, int]]:
         out: dict[int, tuple[SegmentRef, int]] = {}
+        aliases: dict[tuple[str, str], int] = {}
         for seg in self.manifest.segments:
             dead = self.manifest.tombstones.get(seg.id, frozenset())
             for i, row in enumerate(self._docs(seg).rows):
@@ -221,20 +257,42 @@ class StoreSnapshot:
                         (self._fs.display(self.manifest.path),),
                     )
                 out[row.doc_id] = (seg, i)
+                if row.client_id is not None:
+                    aliases[(row.tenant, row.client_id)] = row.doc_id
+        self._aliases = aliases
         return out
+
+    @property
+    def ids(self) -> IdAllocation:
+        """The document ids allocated up to this version (derived from the documents for a
+        version written by format 1: each live id is its tenant's, every id ever stored is spent)."""
+        if self._ids is None:
+            owners = {doc_id: self._docs(seg).rows[i].tenant for doc_id, (seg, i) in self._directory().items()}
+            highest = max((r.doc_id for seg in self.manifest.segments for r in self._docs(seg).rows), default=-1)
+            self._ids = IdAllocation.derive(owners, highest)
+        return self._ids
 
     def _docs(self, seg: SegmentRef) -> SegmentDocs:
         return self._guard(self._cache.docs, seg)
 
-    def _row(self, doc_id: int, tenant: str | None = None) -> tuple[SegmentRef, int, DocRow]:
+    def _find(self, doc_id: int, tenant: TenantScope) -> tuple[SegmentRef, int, DocRow] | None:
+        """The live row of `doc_id` if `tenant` holds it, else None (`tenant` already checked)."""
         hit = self._directory().get(doc_id)
-        if hit is not None:
-            seg, i = hit
-            row = self._docs(seg).rows[i]
-            if tenant is None or row.tenant == tenant:
-                return seg, i, row
-        who = f" for tenant {tenant!r}" if tenant is not None else ""
-        raise UnknownDocumentError(f"document {doc_id} is not in store version {self.version}{who}")
+        if hit is None:
+            return None
+        seg, i = hit
+        row = self._docs(seg).rows[i]
+        return (seg, i, row) if tenant is ALL_TENANTS or row.tenant == tenant else None
+
+    def _row(self, doc_id: int, tenant: TenantScope) -> tuple[SegmentRef, int, DocRow]:
+        found = self._find(doc_id, check_scope(tenant))
+        if found is None:
+            raise unknown_documents([doc_id], tenant)
+        return found
+
+    def holds(self, doc_id: int, tenant: TenantScope) -> bool:
+        """True if `doc_id` is live at this version and is `tenant`'s."""
+        return self._find(doc_id, check_scope(tenant)) is not None
 
     def __len__(self) -> int:
         return len(self._directory())
@@ -242,24 +300,33 @@ class StoreSnapshot:
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._directory()
 
-    def doc_ids(self, tenant: str | None = None) -> list[int]:
-        """Live document ids, ascending; only `tenant`'s when given."""
+    def doc_ids(self, tenant: TenantScope) -> list[int]:
+        """Live document ids of `tenant` (every tenant's with ALL_TENANTS), ascending."""
+        tenant = check_scope(tenant)
         d = self._directory()
-        if tenant is None:
+        if tenant is ALL_TENANTS:
             return sorted(d)
         return sorted(i for i, (seg, r) in d.items() if self._docs(seg).rows[r].tenant == tenant)
 
     def tenants(self) -> list[str]:
         return sorted({self._docs(seg).rows[r].tenant for seg, r in self._directory().values()})
 
-    def info(self, doc_id: int, tenant: str | None = None) -> DocInfo:
+    def resolve(self, client_ids: Sequence[str], tenant: str) -> dict[str, int]:
+        """{client id: doc id} of the client ids live for `tenant`; the others are left out."""
+        check_tenant(tenant)
+        self._directory()
+        found = ((c, self._aliases.get((tenant, c))) for c in client_ids)
+        return {c: doc_id for c, doc_id in found if doc_id is not None}
+
+    def info(self, doc_id: int, tenant: TenantScope) -> DocInfo:
         seg, _, row = self._row(doc_id, tenant)
         return DocInfo(
-            row.doc_id, row.tenant, row.source, row.metadata_dict, row.num_tokens, row.num_chunks, seg.id, row.text_length >= 0
-        )
+            row.doc_id, row.tenant, row.source, row.metadata_dict, row.num_tokens, row.num_chunks, seg.id,
+            row.text_length >= 0, row.client_id,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ content
-    def read_kv(self, doc_id: int, tenant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_kv(self, doc_id: int, tenant: TenantScope) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one document: each [R, C, Hkv, D] in the store dtype, from one range read.
 
         Locally the tensors are zero-copy views of a copy-on-write mmap of the segment shared by
@@ -272,37 +339,38 @@ class StoreSnapshot:
         buf, offset = self._guard(self._cache.range, ref, row.content_offset, row.content_length)
         return decode_content_range(row, buf, offset, self._layout, self._fs.display(ref.path))
 
-    def kv_nbytes(self, doc_id: int) -> int:
+    def kv_nbytes(self, doc_id: int, tenant: TenantScope) -> int:
         """Bytes of K and V of one document (what `read_kv` brings into memory)."""
-        return self._row(doc_id)[2].content_length
+        return self._row(doc_id, tenant)[2].content_length
 
-    def content_id(self, doc_id: int) -> tuple[int, int, int]:
+    def content_id(self, doc_id: int, tenant: TenantScope) -> tuple[int, int, int]:
         """Identity of a document's K/V bytes (id, length, CRC32): equal ids across versions
         (e.g. before and after compaction) mean the cached tensors are still valid."""
-        row = self._row(doc_id)[2]
+        row = self._row(doc_id, tenant)[2]
         return (row.doc_id, row.content_length, row.content_crc)
 
-    def router_nbytes(self, doc_ids: Iterable[int], tenant: str | None = None) -> int:
+    def router_nbytes(self, doc_ids: Iterable[int], tenant: TenantScope) -> int:
         """Bytes `router_keys(doc_ids)` will return, without reading any router file."""
         lay = self._layout
         return sum(self._row(i, tenant)[2].num_chunks for i in set(doc_ids)) * len(lay.routing_layers) * lay.chunk_bytes
 
-    def texts(self, doc_ids: Iterable[int], tenant: str | None = None) -> dict[int, str]:
+    def texts(self, doc_ids: Iterable[int], tenant: TenantScope) -> dict[int, str]:
         """Raw texts; ids that are not live (or not `tenant`'s, or have no text) are left out."""
+        tenant = check_scope(tenant)
         out = {}
         for doc_id in doc_ids:
-            try:
-                seg, _, row = self._row(doc_id, tenant)
-            except UnknownDocumentError:
+            found = self._find(doc_id, tenant)
+            if found is None or found[2].text_length < 0:
                 continue
-            if row.text_length < 0:
-                continue
+            seg, _, row = found
             ref = seg.files["content"]
             buf, offset = self._guard(self._cache.range, ref, row.text_offset, row.text_length)
-            out[doc_id] = decode_text_range(row, buf[offset : offset + row.text_length], self._fs.display(ref.path))
+            text = decode_text_range(row, buf[offset : offset + row.text_length], self._fs.display(ref.path))
+            assert text is not None  # text_length >= 0
+            out[doc_id] = text
         return out
 
-    def documents(self, doc_ids: Sequence[int] | None = None, tenant: str | None = None) -> list[EncodedDocument]:
+    def documents(self, doc_ids: Sequence[int] | None = None, *, tenant: TenantScope) -> list[EncodedDocument]:
         """Full documents (K, V, router K, text, metadata), ascending id unless `doc_ids` orders them."""
         ids = self.doc_ids(tenant) if doc_ids is None else list(doc_ids)
         rows = [self._row(i, tenant) for i in ids]
@@ -312,7 +380,7 @@ class StoreSnapshot:
         for seg, i, row in rows:
             if seg.id not in routers:
                 routers[seg.id] = self._guard(self._cache.router, seg)
-            k, v = self.read_kv(row.doc_id)
+            k, v = self.read_kv(row.doc_id, ALL_TENANTS)  # rows already checked against `tenant`
             out.append(
                 EncodedDocument(
                     doc_id=row.doc_id,
@@ -325,18 +393,19 @@ class StoreSnapshot:
                     tenant=row.tenant,
                     source=row.source,
                     metadata=row.metadata_dict,
+                    client_id=row.client_id,
                 )
             )
         return out
 
-    def document(self, doc_id: int, tenant: str | None = None) -> EncodedDocument:
-        return self.documents([doc_id], tenant)[0]
+    def document(self, doc_id: int, tenant: TenantScope) -> EncodedDocument:
+        return self.documents([doc_id], tenant=tenant)[0]
 
     # ------------------------------------------------------------------ router keys
-    def router_keys(self, doc_ids: Iterable[int] | None = None, tenant: str | None = None) -> RouterKeys:
+    def router_keys(self, doc_ids: Iterable[int] | None = None, *, tenant: TenantScope) -> RouterKeys:
         """Router keys of many documents in bulk (a shard's load), one read per segment.
 
-        doc_ids None: every live document (of `tenant` when given). Unknown ids are an error.
+        doc_ids None: every live document of `tenant`. Ids `tenant` does not hold are an error.
         """
         ids = sorted(set(self.doc_ids(tenant) if doc_ids is None else doc_ids))
         picked = [self._row(i, tenant) for i in ids]

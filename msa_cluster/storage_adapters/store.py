@@ -8,19 +8,20 @@ duplicates, maps deletes) and tries N+2. Nothing is lost and nothing is applied 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from msa_cluster.retry import Backoff
 from msa_cluster.storage_adapters._format import (
     DocRow,
     TensorLayout,
@@ -35,22 +36,30 @@ from msa_cluster.storage_adapters.errors import (
     CorruptStoreError,
     DocumentExistsError,
     FingerprintMismatchError,
-    SnapshotExpiredError,
     StoreNotFoundError,
 )
 from msa_cluster.storage_adapters.manifest import (
     MANIFEST_DIR,
     FileRef,
+    IdAllocation,
     Manifest,
     SegmentRef,
     manifest_path,
     normalize_fingerprint,
     parse_manifest_name,
 )
-from msa_cluster.storage_adapters.snapshot import SegmentCache, StoreSnapshot
-from msa_cluster.types import EncodedDocument, ModelFingerprint, UnknownDocumentError
+from msa_cluster.storage_adapters.snapshot import (
+    ALL_TENANTS,
+    SegmentCache,
+    StoreSnapshot,
+    TenantScope,
+    check_scope,
+    unknown_documents,
+)
+from msa_cluster.types import EncodedDocument, ModelFingerprint, SnapshotGoneError, check_tenant
 
 if TYPE_CHECKING:
+    from msa_cluster.storage_adapters._diff import StoreDiff
     from msa_cluster.storage_adapters._maintenance import GCReport, VerifyReport
 
 __all__ = ["MemoryStore", "StoreConfig", "CommitResult"]
@@ -85,8 +94,9 @@ class CommitResult:
     inserted: tuple[int, ...] = ()
     replaced: tuple[int, ...] = ()
     skipped: tuple[int, ...] = ()  # re-inserts of identical content: idempotent no-ops
-    deleted: tuple[int, ...] = ()
+    deleted: tuple[int, ...] = ()  # deleted, or left behind by a client id that moved to another id
     rewritten_segments: tuple[str, ...] = ()
+    allocated: tuple[int, ...] = ()  # ids handed out by allocate_ids, in the order asked
 
 
 class _Restart(Exception):
@@ -98,29 +108,53 @@ def _new_id() -> str:
 
 
 def _doc_digest(doc: EncodedDocument, crcs: tuple[int, int]) -> tuple:
+    """`DocRow.digest` of the row `doc` will be stored as."""
     text = doc.text.encode("utf-8") if doc.text is not None else None
     return (
         doc.tenant, doc.source, metadata_json(doc.metadata), int(doc.num_tokens), doc.num_chunks, crcs[0], crcs[1],
-        len(text) if text is not None else -1, crc32(text) if text is not None else 0,
+        len(text) if text is not None else -1, crc32(text) if text is not None else 0, doc.client_id,
     )  # fmt: skip
+
+
+def _refuse_repeats(what: str, values: Iterable[Any]) -> None:
+    """ValueError naming the values that appear more than once."""
+    repeated = sorted(v for v, n in Counter(values).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{what} {repeated} appear more than once in one call")
+
+
+def _check_client_ids(client_ids: Sequence[str]) -> list[str]:
+    if isinstance(client_ids, str):
+        raise TypeError(f"client_ids must be a sequence of strings, not one string {client_ids!r}")
+    out = list(client_ids)
+    bad = [c for c in out if not isinstance(c, str) or not 0 < len(c) <= 256]
+    if bad:
+        raise ValueError(f"client ids must be non-empty strings of at most 256 characters, got {bad[:3]!r}")
+    _refuse_repeats("client ids", out)
+    return out
 
 
 class MemoryStore:
     """A memory store under one fsspec URL (`/path`, `file://`, `s3://bucket/prefix`, `memory://`).
 
-    Thread-safe; several processes (and machines) may write the same store at once.
+    Thread-safe; several processes (and machines) may write the same store at once. Document
+    ids are allocated by the store (`allocate_ids`) to one tenant each; every write and read
+    names its tenant, and to a tenant another tenant's id is an id that does not exist.
 
     Example:
         >>> import tempfile, torch
         >>> from msa_cluster.types import EncodedDocument, ModelFingerprint
         >>> fp = ModelFingerprint("cfg", (2, 3), "float32", num_kv_heads=1, head_dim=4, chunk_size=64)
         >>> store = MemoryStore.open(tempfile.mkdtemp(), fp, create=True)
+        >>> [doc_id] = store.allocate_ids("acme", client_ids=["faq.md"])
         >>> t = torch.zeros(2, 1, 1, 4)
-        >>> store.insert([EncodedDocument(7, t, t, t, num_tokens=10, routing_layers=(2, 3), text="hi")]).inserted
-        (7,)
+        >>> doc = EncodedDocument(doc_id, t, t, t, num_tokens=10, routing_layers=(2, 3), text="hi",
+        ...                       tenant="acme", client_id="faq.md")
+        >>> store.insert([doc]).inserted
+        (0,)
         >>> snap = store.snapshot()
-        >>> snap.doc_ids(), snap.texts([7]), tuple(snap.read_kv(7)[0].shape)
-        ([7], {7: 'hi'}, (2, 1, 1, 4))
+        >>> snap.doc_ids("acme"), snap.texts([0], "acme"), snap.texts([0], "other"), snap.resolve(["faq.md"], "acme")
+        ([0], {0: 'hi'}, {}, {'faq.md': 0})
     """
 
     def __init__(self, fs: StoreFS, fingerprint: ModelFingerprint, config: StoreConfig):
@@ -159,7 +193,7 @@ class MemoryStore:
         if store._list_latest() is None:
             if not create:
                 raise StoreNotFoundError(f"no memory store at {url} (no {MANIFEST_DIR}/); pass create=True to make one")
-            first = Manifest(version=0, fingerprint=fp, created_at=time.time(), operation="create")
+            first = Manifest(version=0, fingerprint=fp, created_at=time.time(), operation="create", ids=IdAllocation())
             if fs.create_exclusive(first.path, first.to_json()):
                 log.info("created memory store %s", url)
         found = normalize_fingerprint(store._latest_manifest().fingerprint)
@@ -256,19 +290,23 @@ class MemoryStore:
             return snap.manifest
         m = self._read_manifest(version)
         if m is None:
-            raise SnapshotExpiredError(f"store {self.url} has no version {version} (never committed or collected)")
+            raise SnapshotGoneError(f"store {self.url} has no version {version} (never committed or collected)")
         return m
 
     def snapshot(self, version: int | None = None) -> StoreSnapshot:
         """Pin a version (the latest by default): every read through it sees that version only."""
-        m = self._latest_manifest() if version is None else None
-        v = m.version if m is not None else int(version)
+        latest: Manifest | None = None
+        if version is None:
+            latest = self._latest_manifest()
+            v = latest.version
+        else:
+            v = int(version)
         with self._lock:
             snap = self._snapshots.get(v)
             if snap is not None:
                 self._snapshots.move_to_end(v)
                 return snap
-        snap = StoreSnapshot(m if m is not None else self._manifest(v), self._fs, self._cache)
+        snap = StoreSnapshot(latest if latest is not None else self._manifest(v), self._fs, self._cache)
         with self._lock:
             snap = self._snapshots.setdefault(v, snap)
             while len(self._snapshots) > 4:
@@ -276,6 +314,10 @@ class MemoryStore:
         return snap
 
     # ------------------------------------------------------------------ commit
+    def _upgraded(self, m: Manifest) -> Manifest:
+        """`m` with its id allocation (derived from the documents when `m` was written by format 1)."""
+        return m if m.ids is not None else dataclasses.replace(m, ids=self.snapshot(m.version).ids)
+
     def _commit(
         self,
         operation: str,
@@ -285,27 +327,33 @@ class MemoryStore:
         """Publish base.child(**changes) with compare-and-swap on the version number.
 
         base: the version the caller already read as the latest when its call began (saves a
-        round trip), else the latest is read now. A lost race re-reads the latest and rebuilds
-        the change on it. A no-op (build returns None) is decided against a version that was the
-        latest during the call, so it is linearizable without a write.
+        round trip), else the latest is read now. A lost race waits (`Backoff`, jittered so that
+        racing writers spread out), re-reads the latest and rebuilds the change on it. A no-op
+        (build returns None, or no changes) is decided against a version that was the latest
+        during the call, so it is linearizable without a write.
         """
-        delay = 0.002
+        policy = Backoff(self.config.commit_retries, initial_s=0.002, max_s=0.25, jitter=0.5)
+        waits = policy.delays()
         base = base or self._latest_manifest()
-        for _ in range(self.config.commit_retries):
+        while True:
+            base = self._upgraded(base)
             plan = build(base)
             if plan is None:
                 return CommitResult(version=base.version)
             changes, result = plan
+            if not changes:
+                return dataclasses.replace(result, version=base.version)
             new = base.child(operation, **changes)
             if self._fs.create_exclusive(new.path, new.to_json()):
                 self._note(new)
                 log.info("store %s: committed version %d (%s)", self.url, new.version, operation)
-                return CommitResult(**{**result.__dict__, "version": new.version})
+                return dataclasses.replace(result, version=new.version)
+            wait = next(waits, None)
+            if wait is None:
+                raise CommitConflictError(f"store {self.url}: gave up {operation} after {policy.attempts} lost races")
             log.debug("store %s: lost the race for version %d; rebasing", self.url, new.version)
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.25)
+            time.sleep(wait)
             base = self._latest_manifest()
-        raise CommitConflictError(f"store {self.url}: gave up {operation} after {self.config.commit_retries} lost races")
 
     def _check_readback(self, rel: str, size: int, crc: int) -> None:
         back = self._fs.map(rel)
@@ -331,9 +379,21 @@ class MemoryStore:
             self._check_readback(rel, ref.size, ref.crc32)
         return buf, ref
 
-    def _write_segments(self, docs: list[EncodedDocument], crcs: list[tuple[int, int]]) -> list[tuple[SegmentRef, list[DocRow]]]:
+    def _segment_writer(self, seg_id: str, files: dict[str, FileRef]) -> Callable[[str, Any], Any]:
+        """The `write` callback of `encode_segment` for segment `seg_id`; records each FileRef in `files`."""
+
+        def write(kind: str, batch: Any) -> Any:
+            buf, files[kind] = self._write_batch(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", batch)
+            return buf
+
+        return write
+
+    def _write_segments(
+        self, docs: list[EncodedDocument], crcs: Sequence[tuple[int, int] | None]
+    ) -> list[tuple[SegmentRef, list[DocRow]]]:
         """Upload docs as segments of at most max_segment_bytes; returns them (not yet committed)."""
-        groups, size = [[]], 0
+        groups: list[list[int]] = [[]]
+        size = 0
         for i, d in enumerate(docs):
             nbytes = 3 * d.keys.numel() * d.keys.element_size()
             if groups[-1] and size + nbytes > self.config.max_segment_bytes:
@@ -344,12 +404,8 @@ class MemoryStore:
         out: list[tuple[SegmentRef, list[DocRow]]] = []
         try:
             for group in groups:
-                seg_id, files = _new_id(), {}
-
-                def write(kind: str, batch: Any) -> Any:
-                    buf, files[kind] = self._write_batch(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", batch)
-                    return buf
-
+                seg_id, files = _new_id(), dict[str, FileRef]()
+                write = self._segment_writer(seg_id, files)
                 try:
                     rows = encode_segment(seg_id, [docs[i] for i in group], self.layout, write, [crcs[i] for i in group])
                 except BaseException:
@@ -369,20 +425,56 @@ class MemoryStore:
             for ref in seg.files.values():
                 self._fs.delete(ref.path)
 
+    # ------------------------------------------------------------------ ids
+    def allocate_ids(self, tenant: str, *, count: int | None = None, client_ids: Sequence[str] | None = None) -> list[int]:
+        """Hand out document ids to `tenant` in one commit (operation "allocate"); exactly one of:
+
+        count: that many fresh ids, ascending (0 gives [] and commits nothing).
+        client_ids: one id per client id, in order. A client id live for `tenant` in the latest
+          version gets its document's id, so re-running an ingestion is idempotent and ids are
+          stable; the others get fresh ids. Repeated client ids are a ValueError.
+
+        Ids are global ints, never reused, each allocated to one tenant: `insert` accepts a
+        document only under an id allocated to its tenant.
+        """
+        check_tenant(tenant)
+        if (count is None) == (client_ids is None):
+            raise ValueError("allocate_ids takes exactly one of count= and client_ids=")
+        wanted = _check_client_ids(client_ids) if client_ids is not None else []
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        if count == 0 or (client_ids is not None and not wanted):
+            return []
+
+        def build(base_m: Manifest) -> tuple[dict, CommitResult]:
+            assert base_m.ids is not None
+            known = self.snapshot(base_m.version).resolve(wanted, tenant) if wanted else {}
+            need = count if count is not None else sum(c not in known for c in wanted)
+            if need == 0:
+                return {}, CommitResult(0, allocated=tuple(known[c] for c in wanted))
+            ids, fresh = base_m.ids.allocate(tenant, need)
+            fresh_ids = iter(fresh)
+            allocated = [known[c] if c in known else next(fresh_ids) for c in wanted] if wanted else list(fresh)
+            return {"ids": ids}, CommitResult(0, allocated=tuple(allocated))
+
+        return list(self._commit("allocate", build).allocated)
+
     # ------------------------------------------------------------------ insert / update / delete
     def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
         """Add documents in one commit (atomic: all or none become visible).
 
-        A document whose id is live with identical content is skipped (idempotent re-runs). A live
-        id with different content raises DocumentExistsError unless `replace` (then it is updated).
+        Each document's id must have been allocated to its tenant (`allocate_ids`), else
+        UnknownDocumentError and nothing is written. A document whose id is live with identical
+        content is skipped (idempotent re-runs). A live id with different content, or a client id
+        live under another id of the tenant, raises DocumentExistsError unless `replace`: then the
+        document is replaced, and a client id moves to the new id (its old document is deleted in
+        the same commit).
         """
         docs = list(docs)
         for d in docs:
             self.layout.check(d)
-        seen: set[int] = set()
-        dups = sorted({d.doc_id for d in docs if d.doc_id in seen or seen.add(d.doc_id)})
-        if dups:
-            raise ValueError(f"document ids {dups} appear more than once in one insert")
+        _refuse_repeats("document ids", (d.doc_id for d in docs))
+        _refuse_repeats("client ids", (f"{d.tenant}/{d.client_id}" for d in docs if d.client_id is not None))
         for _ in range(3):
             try:
                 return self._insert_once(docs, replace)
@@ -390,8 +482,38 @@ class MemoryStore:
                 log.info("store %s: documents skipped as present changed meanwhile; inserting again", self.url)
         raise CommitConflictError(f"store {self.url}: insert kept racing deletes of the same documents; gave up")
 
+    def _refuse_foreign(self, snap: StoreSnapshot, docs: list[EncodedDocument], live: bool) -> None:
+        """UnknownDocumentError for documents whose id is not their tenant's (allocated to it; and
+        live in it when `live`), listing those of the first such tenant."""
+        ids = snap.ids
+        bad = [d for d in docs if not (snap.holds(d.doc_id, d.tenant) if live else ids.owns(d.tenant, d.doc_id))]
+        if bad:
+            tenant = bad[0].tenant
+            raise unknown_documents([d.doc_id for d in bad if d.tenant == tenant], tenant)
+
+    def _alias_moves(self, snap: StoreSnapshot, docs: Iterable[Any], replace: bool) -> dict[int, str]:
+        """{old id: client id} of the client ids that `docs` (documents or rows) move away from another
+        live id of their tenant; DocumentExistsError naming the client id unless `replace`."""
+        docs = list(docs)
+        own = {d.doc_id for d in docs}
+        moves = {}
+        for d in docs:
+            if d.client_id is None:
+                continue
+            old = snap.resolve([d.client_id], d.tenant).get(d.client_id)
+            if old is None or old == d.doc_id or old in own:  # an id of this insert is replaced anyway
+                continue
+            if not replace:
+                raise DocumentExistsError(
+                    f"client id {d.client_id!r} of tenant {d.tenant!r} is document {old} in store {self.url} "
+                    f"(version {snap.version}), not {d.doc_id}; use replace=True to move it"
+                )
+            moves[old] = d.client_id
+        return moves
+
     def _insert_once(self, docs: list[EncodedDocument], replace: bool) -> CommitResult:
         base = self.snapshot()
+        self._refuse_foreign(base, docs, live=False)
         # checksums up front only for ids already live (to compare); new ones get theirs while encoding
         crcs = [doc_checksums(d) if d.doc_id in base else None for d in docs]
         digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs) if c is not None}
@@ -402,6 +524,7 @@ class MemoryStore:
         ]
         if not fresh:
             return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
+        self._alias_moves(base, (docs[i] for i in fresh), replace)  # refuse before writing anything
         written = self._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
         fresh_set = set(fresh)
         skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in fresh_set)
@@ -418,7 +541,7 @@ class MemoryStore:
                     if row.doc_id not in snap:
                         ins.append(row.doc_id)
                         continue
-                    old = snap.info(row.doc_id).segment_id
+                    old = snap.info(row.doc_id, ALL_TENANTS).segment_id
                     if self._same(snap, row.doc_id, row.digest(), replace):
                         skip.append(row.doc_id)
                         dead.add(row.doc_id)
@@ -431,7 +554,10 @@ class MemoryStore:
                         tombs[seg.id] = dead
             if not keep:
                 return None
-            result = CommitResult(0, tuple(ins), tuple(rep), tuple(skip))
+            moved = self._alias_moves(snap, (r for _, rows in written for r in rows), replace)
+            for old_id in moved:
+                tombs.setdefault(snap.info(old_id, ALL_TENANTS).segment_id, set()).add(old_id)
+            result = CommitResult(0, tuple(ins), tuple(rep), tuple(skip), deleted=tuple(sorted(moved)))
             return {"segments": base_m.segments + tuple(keep), "tombstones": tombs}, result
 
         try:
@@ -448,7 +574,7 @@ class MemoryStore:
         """True if doc_id is live in snap with this digest; raise if live and different (unless replace)."""
         if doc_id not in snap:
             return False
-        seg, i, row = snap._row(doc_id)
+        row = snap._row(doc_id, ALL_TENANTS)[2]
         if row.digest() == digest:
             return True
         if not replace:
@@ -459,38 +585,37 @@ class MemoryStore:
         return False
 
     def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
-        """Replace live documents by id in one commit; every id must exist (UnknownDocumentError)."""
+        """Replace live documents by id in one commit; every id must be live in its document's
+        tenant, else UnknownDocumentError and nothing is written."""
         docs = list(docs)
-        snap = self.snapshot()
-        missing = sorted(d.doc_id for d in docs if d.doc_id not in snap)
-        if missing:
-            raise UnknownDocumentError(f"cannot update documents {missing}: not in store {self.url} version {snap.version}")
+        self._refuse_foreign(self.snapshot(), docs, live=True)
         return self.insert(docs, replace=True)
 
-    def delete(self, doc_ids: Iterable[int], *, tenant: str | None = None, missing_ok: bool = False) -> CommitResult:
-        """Tombstone documents by id in one commit; with `tenant`, other tenants' ids count as unknown.
+    def delete(self, doc_ids: Iterable[int], *, tenant: TenantScope, missing_ok: bool = False) -> CommitResult:
+        """Tombstone `tenant`'s documents by id in one commit (ALL_TENANTS: an operator's delete).
 
-        Unknown ids raise UnknownDocumentError unless `missing_ok`. The rows stay in their segment
+        Ids not live in `tenant` (another tenant's, deleted, never used: all alike) raise
+        UnknownDocumentError listing them unless `missing_ok`. The rows stay in their segment
         files until `compact` rewrites them and `gc` removes the old files.
         """
-        ids = sorted({int(i) for i in doc_ids})
-        first = [True]
+        tenant = check_scope(tenant)
+        ids = list(dict.fromkeys(int(i) for i in doc_ids))
+        snap = self.snapshot()
+        unknown = [i for i in ids if not snap.holds(i, tenant)]
+        if unknown and not missing_ok:
+            raise unknown_documents(unknown, tenant)
 
         def build(base_m: Manifest):
-            snap = self.snapshot(base_m.version)
-            live = [i for i in ids if i in snap and (tenant is None or snap.info(i).tenant == tenant)]
-            if first[0] and not missing_ok and len(live) < len(ids):
-                gone = sorted(set(ids) - set(live))
-                raise UnknownDocumentError(f"documents {gone} are not in store {self.url} version {snap.version}")
-            first[0] = False
+            now = self.snapshot(base_m.version)
+            live = sorted(i for i in ids if now.holds(i, tenant))  # deleted by another writer meanwhile: done
             if not live:
                 return None
             tombs = {k: set(v) for k, v in base_m.tombstones.items()}
             for i in live:
-                tombs.setdefault(snap.info(i).segment_id, set()).add(i)
+                tombs.setdefault(now.info(i, ALL_TENANTS).segment_id, set()).add(i)
             return {"tombstones": tombs}, CommitResult(0, deleted=tuple(live))
 
-        return self._commit("delete", build)
+        return self._commit("delete", build, snap.manifest)
 
     def put_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> CommitResult:
         """Store a named set of tensors (e.g. "template": the template-head K/V) as safetensors."""
@@ -532,6 +657,16 @@ class MemoryStore:
         grace = self.config.gc_grace_s if grace_s is None else grace_s
         floor = self.config.uncommitted_grace_s if uncommitted_grace_s is None else uncommitted_grace_s
         return collect_garbage(self, grace, floor)
+
+    def diff(self, old_version: int, new_version: int) -> StoreDiff:
+        """What changed from `old_version` (-1: the empty store) to `new_version`: a StoreDiff.
+
+        Read from the two manifests and the docs tables of the segments that changed between
+        them only. SnapshotGoneError if a version was collected.
+        """
+        from msa_cluster.storage_adapters._diff import diff_versions
+
+        return diff_versions(self, old_version, new_version)
 
     def verify(self, version: int | None = None) -> VerifyReport:
         """Check every file and every document of a version; raises CorruptStoreError naming the files."""

@@ -24,6 +24,11 @@ class Location:
     storage_options: dict = field(default_factory=dict)
 
 
+def grant(store, count: int, tenant: str = "default") -> list[int]:
+    """Allocate `count` fresh ids to `tenant` (one commit); a new store hands out 0, 1, 2, ..."""
+    return store.allocate_ids(tenant, count=count)
+
+
 def make_doc(
     doc_id: int,
     num_tokens: int | None = None,
@@ -33,6 +38,7 @@ def make_doc(
     text: str | None = "",
     seed: int = 0,
     metadata: dict | None = None,
+    client_id: str | None = None,
 ) -> EncodedDocument:
     """A document whose tensors depend only on (doc_id, seed): re-making it gives identical bytes."""
     num_tokens = num_tokens if num_tokens is not None else 1 + (doc_id * 7) % 13
@@ -52,6 +58,7 @@ def make_doc(
         tenant=tenant,
         source=f"test://doc/{doc_id}",
         metadata=metadata if metadata is not None else {"n": str(doc_id)},
+        client_id=client_id,
     )
 
 
@@ -61,6 +68,6 @@ def assert_same_doc(a: EncodedDocument, b: EncodedDocument) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), name
-    for name in ("doc_id", "num_tokens", "routing_layers", "text", "tenant", "source"):
+    for name in ("doc_id", "num_tokens", "routing_layers", "text", "tenant", "source", "client_id"):
         assert getattr(a, name) == getattr(b, name), name
     assert dict(a.metadata) == dict(b.metadata)

@@ -17,7 +17,7 @@ from tests.storage_adapters.store_helpers import FP32, assert_same_doc, make_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
-# The child commits version 1, then starts a second insert and stops at the chosen point with
+# The child commits versions 1 (ids 0-5 allocated) and 2 (documents 0-2), then starts a second insert and stops at the chosen point with
 # half of the bytes written, says READY and waits to be killed.
 _CHILD = r"""
 import json, os, sys, time
@@ -26,6 +26,7 @@ from tests.storage_adapters.store_helpers import FP32, make_doc
 from msa_cluster.storage_adapters import MemoryStore, _fs
 url, options, phase = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 store = MemoryStore.open(url, FP32, create=True, storage_options=options)
+store.allocate_ids("default", count=6)
 store.insert([make_doc(i) for i in range(3)])
 
 def wait_for_kill():
@@ -91,21 +92,21 @@ def _kill_mid_write(loc, phase: str) -> None:
 
 @pytest.mark.parametrize("phase", ["segment", "commit"])
 def test_sigkill_mid_write_leaves_last_committed_version(shared_location, phase):
-    """After SIGKILL mid-segment or mid-commit, reopening gives version 1 exactly, verified, and writable."""
+    """After SIGKILL mid-segment or mid-commit, reopening gives version 2 exactly, verified, and writable."""
     loc = shared_location
     _kill_mid_write(loc, phase)
     store = MemoryStore.open(loc.url, FP32, storage_options=loc.storage_options)
-    assert store.latest_version() == 1
+    assert store.latest_version() == 2
     snap = store.snapshot()
-    assert snap.doc_ids() == [0, 1, 2]
-    for d in snap.documents():
+    assert snap.doc_ids("default") == [0, 1, 2]
+    for d in snap.documents(tenant="default"):
         assert_same_doc(d, make_doc(d.doc_id))
     assert store.verify().documents == 3
-    assert store.insert([make_doc(i) for i in range(3, 6)]).version == 2  # the re-run succeeds
+    assert store.insert([make_doc(i) for i in range(3, 6)]).version == 3  # the re-run succeeds
     report = store.gc(grace_s=0, uncommitted_grace_s=0)
     fs = StoreFS(loc.url, loc.storage_options)
     leftovers = {f"{d}/{f.name}" for d in ("segments", "manifest") for f in fs.list(d)}
-    assert leftovers == store.snapshot().manifest.files() | {"manifest/v000000000002.json"}
+    assert leftovers == store.snapshot().manifest.files() | {"manifest/v000000000003.json"}
     if phase == "segment" and loc.protocol == "file":
         assert report.deleted_files  # the half-written segment file
     assert store.verify().documents == 6

@@ -11,6 +11,7 @@ import torch
 
 import msa_cluster.storage_adapters as sa
 from msa_cluster.storage_adapters import (
+    ALL_TENANTS,
     CorruptStoreError,
     DocumentExistsError,
     FingerprintMismatchError,
@@ -20,8 +21,10 @@ from msa_cluster.storage_adapters import (
     StoreNotFoundError,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
-from msa_cluster.types import UnknownDocumentError
-from tests.storage_adapters.store_helpers import BF16, FP32, assert_same_doc, make_doc
+from msa_cluster.types import SnapshotGoneError, UnknownDocumentError
+from tests.storage_adapters.store_helpers import BF16, FP32, assert_same_doc, grant, make_doc
+
+ALL = ALL_TENANTS
 
 
 def open_store(loc, fp=FP32, create=True, **config):
@@ -36,19 +39,23 @@ def store_files(loc) -> dict[str, bytes]:
 def test_insert_then_reopen_gives_back_bit_identical_documents(location):
     """Documents written, then read through a fresh store handle, are bit-identical (float32)."""
     docs = [make_doc(i) for i in (0, 3, 9)] + [make_doc(11, num_tokens=1, text=None), make_doc(12, text="ünï ✓")]
-    assert open_store(location).insert(docs).inserted == (0, 3, 9, 11, 12)
+    store = open_store(location)
+    grant(store, 13)
+    assert store.insert(docs).inserted == (0, 3, 9, 11, 12)
     snap = open_store(location, create=False).snapshot()
-    assert snap.version == 1 and snap.doc_ids() == [0, 3, 9, 11, 12]
-    for got, want in zip(snap.documents(), docs):
+    assert snap.version == 2 and snap.doc_ids("default") == [0, 3, 9, 11, 12]
+    for got, want in zip(snap.documents(tenant="default"), docs):
         assert_same_doc(got, want)
-    assert snap.texts([11, 12, 99]) == {12: "ünï ✓"}
+    assert snap.texts([11, 12, 99], "default") == {12: "ünï ✓"}
 
 
 def test_bfloat16_round_trip_is_bit_exact(location):
     """bfloat16 tensors (no Arrow type) come back with exactly the same bits."""
     docs = [make_doc(i, fp=BF16, num_tokens=9) for i in range(3)]
-    open_store(location, BF16).insert(docs)
-    for got, want in zip(open_store(location, BF16, create=False).snapshot().documents(), docs):
+    store = open_store(location, BF16)
+    grant(store, 3)
+    store.insert(docs)
+    for got, want in zip(open_store(location, BF16, create=False).snapshot().documents(tenant=ALL), docs):
         assert got.keys.dtype == torch.bfloat16
         assert_same_doc(got, want)
 
@@ -56,65 +63,70 @@ def test_bfloat16_round_trip_is_bit_exact(location):
 def test_reinsert_of_identical_documents_is_idempotent(location):
     """Re-running an insert of the same ids and content commits nothing and writes no file."""
     store = open_store(location)
+    grant(store, 6)
     store.insert([make_doc(i) for i in range(4)])
     before = set(store_files(location))
     again = store.insert([make_doc(i) for i in range(4)])
-    assert again.version == 1 and again.skipped == (0, 1, 2, 3) and not again.inserted
+    assert again.version == 2 and again.skipped == (0, 1, 2, 3) and not again.inserted
     assert set(store_files(location)) == before
     mixed = store.insert([make_doc(i) for i in range(6)])
     assert mixed.inserted == (4, 5) and set(mixed.skipped) == {0, 1, 2, 3}
-    assert store.snapshot().doc_ids() == list(range(6))
+    assert store.snapshot().doc_ids("default") == list(range(6))
 
 
 def test_same_id_with_new_content_needs_replace(location):
     """A live id with different content is refused unless replace/update, which then wins."""
     store = open_store(location)
+    grant(store, 4)
     store.insert([make_doc(1), make_doc(2)])
     with pytest.raises(DocumentExistsError, match="document 1"):
         store.insert([make_doc(1, seed=5)])
     assert store.insert([make_doc(1, seed=5)], replace=True).replaced == (1,)
     assert store.update([make_doc(2, seed=7)]).replaced == (2,)
     snap = store.snapshot()
-    assert_same_doc(snap.document(1), make_doc(1, seed=5))
-    assert_same_doc(snap.document(2), make_doc(2, seed=7))
+    assert_same_doc(snap.document(1, "default"), make_doc(1, seed=5))
+    assert_same_doc(snap.document(2, "default"), make_doc(2, seed=7))
     assert len(snap) == 2
-    with pytest.raises(UnknownDocumentError):
-        store.update([make_doc(3)])
+    with pytest.raises(UnknownDocumentError, match="document 3 is not a document of tenant 'default'"):
+        store.update([make_doc(3)])  # allocated, never inserted
 
 
 def test_delete_hides_documents_but_pinned_snapshots_keep_them(location):
     """After a delete, new snapshots never return the document; a snapshot taken before still does."""
     store = open_store(location)
+    grant(store, 8)
     store.insert([make_doc(i) for i in range(3)])
     pinned = store.snapshot()
-    assert store.delete([1]).deleted == (1,)
+    assert store.delete([1], tenant="default").deleted == (1,)
     now = store.snapshot()
-    assert 1 not in now and now.doc_ids() == [0, 2] and now.texts([1]) == {}
+    assert 1 not in now and now.doc_ids("default") == [0, 2] and now.texts([1], "default") == {}
     with pytest.raises(UnknownDocumentError):
-        now.read_kv(1)
-    assert 1 not in now.router_keys().doc_ids.tolist()
-    assert_same_doc(pinned.document(1), make_doc(1))
+        now.read_kv(1, "default")
+    assert 1 not in now.router_keys(tenant=ALL).doc_ids.tolist()
+    assert_same_doc(pinned.document(1, "default"), make_doc(1))
     with pytest.raises(UnknownDocumentError, match=r"\[1, 7\]"):
-        store.delete([1, 7])
-    assert store.delete([7], missing_ok=True).version == now.version
+        store.delete([1, 7], tenant="default")
+    assert store.delete([7], tenant="default", missing_ok=True).version == now.version
 
 
 def test_tenants_never_see_each_others_documents(location):
     """Reads, router keys, texts and deletes scoped to a tenant never touch another tenant's rows."""
     store = open_store(location)
-    store.insert([make_doc(i, tenant="a" if i % 2 else "b") for i in range(6)])
+    assert grant(store, 3, "b") == [0, 1, 2] and grant(store, 3, "a") == [3, 4, 5]
+    store.insert([make_doc(i, tenant="b" if i < 3 else "a") for i in range(6)])
     snap = store.snapshot()
-    assert snap.doc_ids("a") == [1, 3, 5] and snap.tenants() == ["a", "b"]
+    assert snap.doc_ids("a") == [3, 4, 5] and snap.tenants() == ["a", "b"]
     rk = snap.router_keys(tenant="a")
-    assert rk.doc_ids.tolist() == [1, 3, 5] and set(rk.tenants) == {"a"}
-    assert snap.texts([0, 1], tenant="a") == {1: "document 1 seed 0"}
+    assert rk.doc_ids.tolist() == [3, 4, 5] and set(rk.tenants) == {"a"}
+    assert snap.texts([0, 3], tenant="a") == {3: "document 3 seed 0"}
     with pytest.raises(UnknownDocumentError):
         snap.read_kv(0, tenant="a")
     with pytest.raises(UnknownDocumentError):
         snap.router_keys([0], tenant="a")
     with pytest.raises(UnknownDocumentError):
         store.delete([0], tenant="a")
-    assert [d.doc_id for d in snap.documents(tenant="b")] == [0, 2, 4]
+    assert [d.doc_id for d in snap.documents(tenant="b")] == [0, 1, 2]
+    assert snap.doc_ids(ALL) == list(range(6))
 
 
 def test_opening_with_another_model_is_an_error_naming_both(location):
@@ -136,6 +148,7 @@ def test_opening_a_missing_store_without_create_fails(location):
 def test_documents_that_do_not_fit_the_model_are_refused(location):
     """Wrong dtype, routing layers, head shape, chunk count or duplicate ids are ValueErrors."""
     store = open_store(location)
+    grant(store, 3)
     bad = [
         make_doc(1, fp=BF16),
         dataclasses.replace(make_doc(1), num_tokens=100),
@@ -146,24 +159,25 @@ def test_documents_that_do_not_fit_the_model_are_refused(location):
             store.insert([doc])
     with pytest.raises(ValueError, match=r"\[2\]"):
         store.insert([make_doc(2), make_doc(2)])
-    assert store.latest_version() == 0
+    assert store.latest_version() == 1
 
 
 def test_compaction_rewrites_without_dead_rows_and_old_readers_keep_working(location):
     """Compaction drops tombstoned rows, keeps ids and bytes, and old snapshots still read."""
     store = open_store(location)
+    grant(store, 8)
     store.insert([make_doc(i) for i in range(4)])
     store.insert([make_doc(i) for i in range(4, 8)])
     old = store.snapshot()
-    store.delete([1, 6])
+    store.delete([1, 6], tenant="default")
     result = store.compact()
     assert len(result.rewritten_segments) == 2
     new = store.snapshot()
-    assert new.doc_ids() == [0, 2, 3, 4, 5, 7] and not new.manifest.tombstones
+    assert new.doc_ids(ALL) == [0, 2, 3, 4, 5, 7] and not new.manifest.tombstones
     assert len(new.manifest.segments) == 1
-    for d in new.documents():
+    for d in new.documents(tenant="default"):
         assert_same_doc(d, make_doc(d.doc_id))
-    assert_same_doc(old.document(1), make_doc(1))
+    assert_same_doc(old.document(1, "default"), make_doc(1))
     assert store.compact().version == new.version  # nothing left to do
     store.verify()
 
@@ -171,42 +185,48 @@ def test_compaction_rewrites_without_dead_rows_and_old_readers_keep_working(loca
 def test_delete_compact_gc_purges_text_and_tensors_from_storage(location):
     """After delete + compact + gc(0), no stored file contains the document's text or K/V bytes."""
     store = open_store(location)
+    grant(store, 7)
     secret = make_doc(5, text="the secret of document five")
     store.insert([make_doc(4), secret, make_doc(6)])
     blob = secret.keys.contiguous().view(torch.uint8).numpy().tobytes()
     assert any(blob in b for b in store_files(location).values())
-    store.delete([5])
+    store.delete([5], tenant="default")
     store.compact()
     report = store.gc(grace_s=0)
     assert report.kept_versions == (store.latest_version(),) and report.deleted_files
     for name, data in store_files(location).items():
         assert b"secret of document five" not in data, name
         assert blob not in data, name
-    assert store.snapshot().doc_ids() == [4, 6]
+    assert store.snapshot().doc_ids("default") == [4, 6]
     store.verify()
 
 
 def test_gc_respects_the_grace_period_and_expired_snapshots_say_so(location):
-    """gc keeps recently superseded versions; with grace 0 a pinned old version reports expiry."""
+    """gc keeps recently superseded versions; with grace 0 a pinned old version raises SnapshotGoneError."""
     store = open_store(location)
+    grant(store, 2)
     store.insert([make_doc(0)])
     pinned = store.snapshot()
     store.insert([make_doc(1)])
-    store.delete([0])
+    store.delete([0], tenant="default")
     store.compact()
     assert store.gc().deleted_versions == ()  # default grace: one hour
-    assert store.versions() == [0, 1, 2, 3, 4]
+    assert store.versions() == [0, 1, 2, 3, 4, 5]
     store.gc(grace_s=0)
-    assert store.versions() == [4]
-    with pytest.raises(SnapshotExpiredError):
-        pinned.read_kv(0)
-    with pytest.raises(SnapshotExpiredError):
+    assert store.versions() == [5]
+    with pytest.raises(SnapshotGoneError):
+        pinned.read_kv(0, "default")
+    with pytest.raises(SnapshotExpiredError):  # the deprecated name is the same class
         store.snapshot(1)
+    with pytest.raises(SnapshotGoneError):
+        store.diff(1, 5)
+    assert SnapshotExpiredError is SnapshotGoneError
 
 
 def test_gc_leaves_uncommitted_files_of_running_writers_alone(location):
     """A file no version references is only collected after the uncommitted grace period."""
     store = open_store(location)
+    grant(store, 1)
     store.insert([make_doc(0)])
     fs = StoreFS(location.url, location.storage_options)
     fs.write("segments/in-flight.content.arrow", b"partial")
@@ -214,7 +234,7 @@ def test_gc_leaves_uncommitted_files_of_running_writers_alone(location):
     assert fs.exists("segments/in-flight.content.arrow")
     store.gc(grace_s=0, uncommitted_grace_s=0)
     assert not fs.exists("segments/in-flight.content.arrow")
-    assert store.snapshot().doc_ids() == [0]
+    assert store.snapshot().doc_ids("default") == [0]
 
 
 def _flip(loc, rel: str, offset: int) -> None:
@@ -227,6 +247,7 @@ def _flip(loc, rel: str, offset: int) -> None:
 def test_a_corrupt_byte_is_an_error_naming_the_segment(location):
     """Flipping one byte of a document's K/V, router keys or a docs table fails loudly, naming the file."""
     store = open_store(location)
+    grant(store, 3)
     store.insert([make_doc(i) for i in range(3)])
     snap = store.snapshot()
     seg = snap.manifest.segments[0]
@@ -235,23 +256,24 @@ def test_a_corrupt_byte_is_an_error_naming_the_segment(location):
     _flip(location, content, row.content_offset + 3)
     fresh = open_store(location, create=False)
     with pytest.raises(CorruptStoreError, match=seg.id) as err:
-        fresh.snapshot().read_kv(1)
+        fresh.snapshot().read_kv(1, "default")
     assert err.value.paths and seg.id in err.value.paths[0]
-    fresh.snapshot().read_kv(0)  # the other documents are still readable
+    fresh.snapshot().read_kv(0, "default")  # the other documents are still readable
     with pytest.raises(CorruptStoreError, match=f"{seg.id}.content.arrow"):
         fresh.verify()
     router = seg.files["router"]
     _flip(location, router.path, router.size // 2)
     with pytest.raises(CorruptStoreError, match=f"{seg.id}.router.arrow"):
-        open_store(location, create=False).snapshot().router_keys()
+        open_store(location, create=False).snapshot().router_keys(tenant=ALL)
     _flip(location, seg.files["docs"].path, 100)
     with pytest.raises(CorruptStoreError, match=f"{seg.id}.docs.arrow"):
-        open_store(location, create=False).snapshot().doc_ids()
+        open_store(location, create=False).snapshot().doc_ids(ALL)
 
 
 def test_a_truncated_segment_is_an_error_naming_it(location):
     """A content file cut short is reported with its name, never read as wrong tensors."""
     store = open_store(location)
+    grant(store, 3)
     store.insert([make_doc(i, num_tokens=30) for i in range(3)])
     seg = store.snapshot().manifest.segments[0]
     fs = StoreFS(location.url, location.storage_options)
@@ -259,7 +281,7 @@ def test_a_truncated_segment_is_an_error_naming_it(location):
     fs.write(rel, fs.read(rel)[: seg.files["content"].size // 2])
     fresh = open_store(location, create=False)
     with pytest.raises(CorruptStoreError, match=seg.id):
-        fresh.snapshot().read_kv(2)
+        fresh.snapshot().read_kv(2, "default")
     with pytest.raises(CorruptStoreError, match=seg.id):
         fresh.verify()
 
@@ -267,30 +289,32 @@ def test_a_truncated_segment_is_an_error_naming_it(location):
 def test_router_keys_load_in_bulk_in_doc_id_order(location):
     """Bulk router keys equal each document's own, ordered by id, across segments and subsets."""
     store = open_store(location)
+    grant(store, 10)
     store.insert([make_doc(i) for i in (5, 1, 9)])
     store.insert([make_doc(i) for i in (4, 2)])
     snap = store.snapshot()
-    rk = snap.router_keys()
+    rk = snap.router_keys(tenant="default")
     assert rk.doc_ids.tolist() == [1, 2, 4, 5, 9]
     for j, doc_id in enumerate(rk.doc_ids.tolist()):
         a, b = rk.doc_offsets[j], rk.doc_offsets[j + 1]
         assert torch.equal(rk.keys[:, a:b], make_doc(doc_id).router_keys)
-    sub = snap.router_keys([9, 2])
+    sub = snap.router_keys([9, 2], tenant="default")
     assert sub.doc_ids.tolist() == [2, 9] and torch.equal(sub.layer(3)[: make_doc(2).num_chunks], make_doc(2).router_keys[1])
-    empty = snap.router_keys([])
+    empty = snap.router_keys([], tenant="default")
     assert empty.keys.shape == (2, 0, 2, 8) and empty.doc_offsets.tolist() == [0]
 
 
 def test_large_inserts_split_into_segments_in_one_atomic_commit(location):
     """An insert bigger than max_segment_bytes becomes several segments published by one version."""
     store = open_store(location, max_segment_bytes=4000)
+    grant(store, 8)
     docs = [make_doc(i, num_tokens=12) for i in range(8)]  # 3 chunks: 3 * 2 * 3 * 64 B = 1152 B each
-    assert store.insert(docs).version == 1
+    assert store.insert(docs).version == 2
     snap = store.snapshot()
-    assert len(snap.manifest.segments) > 2 and snap.doc_ids() == list(range(8))
+    assert len(snap.manifest.segments) > 2 and snap.doc_ids(ALL) == list(range(8))
     merged = open_store(location, create=False).compact(small_segment_bytes=1 << 20)  # merge small segments
-    assert merged.version == 2 and len(merged.rewritten_segments) == len(snap.manifest.segments)
-    assert len(store.snapshot().manifest.segments) == 1 and store.snapshot().doc_ids() == list(range(8))
+    assert merged.version == 3 and len(merged.rewritten_segments) == len(snap.manifest.segments)
+    assert len(store.snapshot().manifest.segments) == 1 and store.snapshot().doc_ids(ALL) == list(range(8))
 
 
 def test_named_tensors_round_trip_through_safetensors(location):
@@ -309,14 +333,16 @@ def test_named_tensors_round_trip_through_safetensors(location):
 def test_empty_store_reads_as_empty(location):
     """A new store has version 0 and no documents; every read is empty, not an error."""
     snap = open_store(location).snapshot()
-    assert snap.version == 0 and len(snap) == 0 and snap.doc_ids() == [] and snap.documents() == []
-    assert snap.router_keys().keys.shape[1] == 0
+    assert snap.version == 0 and len(snap) == 0 and snap.doc_ids(ALL) == [] and snap.documents(tenant=ALL) == []
+    assert snap.router_keys(tenant=ALL).keys.shape[1] == 0 and snap.tenants() == []
     assert open_store(location).verify().files == 0
 
 
 def test_segment_files_are_arrow_ipc(location):
     """Stored files are Arrow IPC (segments) or JSON (manifests): nothing a reader would unpickle."""
-    open_store(location).insert([make_doc(0)])
+    store = open_store(location)
+    grant(store, 1)
+    store.insert([make_doc(0)])
     for name, data in store_files(location).items():
         if name.endswith(".arrow"):
             assert data[:6] == b"ARROW1" and data[-6:] == b"ARROW1", name
