@@ -30,7 +30,9 @@ __all__ = [
     "SnapshotGoneError",
     "StaleShardError",
     "UnknownDocumentError",
+    "DocumentExistsError",
     "check_tenant",
+    "routing_row",
 ]
 
 DEFAULT_TENANT = "default"
@@ -77,6 +79,10 @@ class UnknownDocumentError(MSAMemoryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DocumentExistsError(MSAMemoryError, ValueError):
+    """A write names a live document (or client id) of the same tenant with other content, without replace."""
+
+
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -86,6 +92,14 @@ def check_tenant(tenant: object) -> str:
         raise ValueError(f"tenant {tenant!r} is not a valid tenant name: 1-128 characters of letters, digits and ._:@- "
                          "starting with a letter or digit")
     return tenant
+
+
+def routing_row(routing_layers: tuple[int, ...], layer: int) -> int:
+    """Row of decoder layer `layer` in tensors stacked over `routing_layers`; ValueError if it does not route."""
+    try:
+        return routing_layers.index(layer)
+    except ValueError:
+        raise ValueError(f"layer {layer} is not a routing layer; routing layers: {routing_layers}") from None
 
 
 @dataclass(frozen=True)
@@ -131,10 +145,7 @@ class EncodedDocument:
 
     def layer_index(self, layer: int) -> int:
         """Row of `layer` (an absolute decoder layer index) in the stacked tensors."""
-        try:
-            return self.routing_layers.index(layer)
-        except ValueError:
-            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {self.routing_layers}") from None
+        return routing_row(self.routing_layers, layer)
 
 
 @dataclass(frozen=True)

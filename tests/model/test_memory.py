@@ -1,10 +1,12 @@
 """InProcessMemory: encoding contract, tenants, online insert/delete, snapshots, empty memory, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from msa_cluster.model import InProcessMemory
-from msa_cluster.types import UnknownDocumentError
+from msa_cluster.types import DocumentExistsError, UnknownDocumentError
 from tests.model.helpers import make_model, random_docs, random_prompt
 
 
@@ -66,7 +68,9 @@ def test_insert_is_online(model):
     """Documents added after construction are routable by the next request."""
     docs = random_docs([10, 11, 12, 30], 256)
     memory = InProcessMemory.from_documents(model, docs[:1])
-    memory.add(model.encode_documents(docs[1:], doc_ids=[1, 2, 3]))
+    new_ids = memory.allocate_ids("default", count=3)
+    assert new_ids == [1, 2, 3]
+    memory.add(model.encode_documents(docs[1:], doc_ids=new_ids))
     ids, mask = random_prompt(model, 10)
     assert len(memory) == 4
     full = InProcessMemory.from_documents(model, docs)
@@ -122,3 +126,55 @@ def test_mixing_models_is_refused(model):
     memory = InProcessMemory.from_documents(model, random_docs([5], 256))
     with pytest.raises(ValueError, match="routing layers"):
         memory.add(other.encode_documents(random_docs([5], 256), doc_ids=[7]))
+
+
+def test_writes_are_tenant_scoped(model):
+    """Another tenant's id behaves exactly like an id never used: same error, nothing changes."""
+    memory = InProcessMemory.from_documents(model, random_docs([10, 11], 256), tenants=["a", "b"], texts=["x", "y"])
+    version = memory.version
+    theirs = model.encode_documents(random_docs([12], 256, seed=3), doc_ids=[0], tenants=["b"])
+    never = model.encode_documents(random_docs([12], 256, seed=3), doc_ids=[99], tenants=["b"])
+    errors = []
+    for write in (lambda: memory.add(theirs, replace=True), lambda: memory.update(theirs),
+                  lambda: memory.delete([0], tenant="b"), lambda: memory.get(0, tenant="b"),
+                  lambda: memory.add(never, replace=True), lambda: memory.update(never),
+                  lambda: memory.delete([99], tenant="b"), lambda: memory.get(99, tenant="b")):
+        with pytest.raises(UnknownDocumentError) as e:
+            write()
+        errors.append(str(e.value).replace("99", "ID").replace("0", "ID"))
+    assert len(set(errors)) == 1, errors
+    assert memory.version == version and memory.get(0, tenant="a").text == "x"
+    assert memory.snapshot("b").texts([0, 1]) == {1: "y"}
+
+
+def test_live_id_needs_replace_and_client_ids_alias_one_document(model):
+    """A live id with new content needs replace; a client id names one live document per tenant."""
+    memory = InProcessMemory(routing_layers=model.config.routing_layers)
+    first = memory.allocate_ids("a", client_ids=["doc-x", "doc-y"])
+    docs = model.encode_documents(random_docs([10, 11], 256), doc_ids=first, tenants=["a", "a"])
+    docs = [dataclasses.replace(d, client_id=c) for d, c in zip(docs, ["doc-x", "doc-y"])]
+    memory.add(docs)
+    assert memory.allocate_ids("a", client_ids=["doc-y", "doc-z"])[0] == first[1]
+    assert memory.resolve(["doc-x", "nope"], tenant="a") == {"doc-x": first[0]}
+    assert memory.resolve(["doc-x"], tenant="b") == {}
+    changed = model.encode_documents(random_docs([12], 256, seed=5), doc_ids=[first[0]], tenants=["a"])
+    with pytest.raises(DocumentExistsError):
+        memory.add(changed)
+    [moved_to] = memory.allocate_ids("a", count=1)
+    again = dataclasses.replace(model.encode_documents(random_docs([12], 256, seed=5), doc_ids=[moved_to], tenants=["a"])[0],
+                                client_id="doc-x")
+    with pytest.raises(DocumentExistsError, match="doc-x"):
+        memory.add([again])
+    memory.add([again], replace=True)
+    assert memory.resolve(["doc-x"], tenant="a") == {"doc-x": moved_to} and first[0] not in memory.snapshot("a").doc_ids
+
+
+def test_old_snapshots_release_their_history(model):
+    """Removed entries are retired once no snapshot object can see them, and pinned ones still read."""
+    memory = InProcessMemory.from_documents(model, random_docs([10, 11, 12], 256))
+    pinned = memory.snapshot()
+    memory.delete([0])
+    assert pinned.texts([0]) == {} and 0 in pinned.doc_ids and 0 not in memory.snapshot().doc_ids
+    del pinned
+    memory.delete([1])
+    assert memory._arenas["default"].held_chunks == memory._live[2].num_chunks
