@@ -1,18 +1,35 @@
 """One way to call a role, whether it is a plain object in this process or a Ray actor handle.
 
-Every remote call has a timeout. A dead or silent actor becomes `ShardUnavailable`; an error the
-role raised itself (a ValueError, MemoryFullError, ...) is re-raised as that same type.
+Every remote call has a timeout, and a call that times out is cancelled. A dead, restarting or
+silent actor, a lost result object, a dead owner and Ray's out-of-memory killer all become
+`ShardUnavailableError` (retryable); an error the role raised itself (a ValueError,
+MemoryFullError, ...) is re-raised as that same type.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from msa_cluster.types import ShardUnavailable
+from msa_cluster.types import ShardUnavailableError
 
-__all__ = ["Pending", "submit", "gather", "call", "is_actor"]
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from msa_cluster.actors.coordinator import Coordinator
+    from msa_cluster.actors.kv_shard import KVShard
+    from msa_cluster.actors.router_shard import RouterShard
+
+__all__ = ["Pending", "submit", "gather", "call", "is_actor", "RouterHandle", "KVHandle", "CoordinatorHandle"]
+
+log = logging.getLogger(__name__)
+
+# A role is reached either in-process (the plain class, in tests and single-node use) or as a Ray actor.
+RouterHandle = Union["RouterShard", "ActorHandle"]
+KVHandle = Union["KVShard", "ActorHandle"]
+CoordinatorHandle = Union["Coordinator", "ActorHandle"]
 
 
 def is_actor(handle: Any) -> bool:
@@ -28,7 +45,7 @@ class Pending:
     error: BaseException | None = None
 
 
-def submit(handle: Any, method: str, *args, **kwargs) -> Pending:
+def submit(handle: Any, method: str, *args: Any, **kwargs: Any) -> Pending:
     """Start a call; plain objects run it now, actors return at once with an ObjectRef."""
     if is_actor(handle):
         return Pending(handle, method, ref=getattr(handle, method).remote(*args, **kwargs))
@@ -38,8 +55,18 @@ def submit(handle: Any, method: str, *args, **kwargs) -> Pending:
         return Pending(handle, method, error=e)
 
 
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Ray's failures that mean "this shard cannot answer now": the caller may retry."""
+    from ray import exceptions as rex
+
+    names = ("RayActorError", "ActorUnavailableError", "ObjectLostError", "OwnerDiedError", "OutOfMemoryError",
+             "NodeDiedError", "WorkerCrashedError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError",
+             "TaskCancelledError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
 def gather(pending: Sequence[Pending], timeout_s: float) -> list[Any]:
-    """Results of `pending` in order; raises the first error (ShardUnavailable for dead/slow actors)."""
+    """Results of `pending` in order; raises the first error (ShardUnavailableError for dead/slow actors)."""
     refs = [p.ref for p in pending if p.ref is not None]
     if refs:
         import ray
@@ -48,13 +75,17 @@ def gather(pending: Sequence[Pending], timeout_s: float) -> list[Any]:
         try:
             values = iter(ray.get(refs, timeout=timeout_s))
         except rex.GetTimeoutError as e:
+            _cancel(refs)
             names = sorted({p.method for p in pending})
-            raise ShardUnavailable(f"no answer to {names} within {timeout_s:.1f}s") from e
-        except (rex.RayActorError, rex.ActorUnavailableError) as e:
-            raise ShardUnavailable(f"an actor died or is restarting: {e}") from e
+            raise ShardUnavailableError(f"no answer to {names} within {timeout_s:.1f}s") from e
         except rex.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, _unavailable_errors()):
+                raise ShardUnavailableError(f"a shard failed: {type(cause).__name__}: {cause}") from None
             raise cause from None
+        except _unavailable_errors() as e:
+            _cancel(refs)
+            raise ShardUnavailableError(f"a shard is unavailable: {type(e).__name__}: {e}") from e
         for p in pending:
             if p.ref is not None:
                 p.value = next(values)
@@ -64,5 +95,17 @@ def gather(pending: Sequence[Pending], timeout_s: float) -> list[Any]:
     return [p.value for p in pending]
 
 
-def call(handle: Any, method: str, *args, timeout_s: float = 30.0, **kwargs) -> Any:
+def _cancel(refs: Sequence[Any]) -> None:
+    """Cancel calls that are still queued or running, so a timed-out request leaves no work behind."""
+    import ray
+
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    for ref in not_ready:
+        try:
+            ray.cancel(ref)
+        except Exception as e:  # cancelling is best effort: the actor may be gone already
+            log.debug("could not cancel a timed-out call: %s", e)
+
+
+def call(handle: Any, method: str, *args: Any, timeout_s: float = 30.0, **kwargs: Any) -> Any:
     return gather([submit(handle, method, *args, **kwargs)], timeout_s)[0]

@@ -1,15 +1,16 @@
-"""Coordinator: the cluster's view of the store and the placement of documents on shards.
+"""Coordinator: which store version the cluster serves, and where each document lives.
 
-One per cluster (a named, detached actor in Ray; restartable: everything it knows is rebuilt
-from the store and from what live shards report). It:
-- places documents on shard pairs (router shard i + KV shard i), balanced by chunk count,
-  documents as the unit;
-- applies store changes (inserts, deletes, updates, also those committed by other writers
-  such as an ingestion job) to the shards online: shards read the new keys from the store
-  themselves, the coordinator only sends document ids;
-- hands requests a `ClusterView` (pinned version + shard handles) for generator-side fan-out,
-  and can also run the fan-out itself (`retrieve`), which the benchmark compares;
-- rebalances when shards are added or removed (nodes join or leave).
+One per cluster (a named, detached actor in Ray). Everything it knows can be rebuilt from the
+store and from what live shards report, so a restart loses nothing. It:
+- places documents on shard pairs (router shard i + KV shard i), balanced by chunk count;
+- moves every shard to a store version with one idempotent call per shard,
+  `converge(version, epoch, doc_ids)`, and serves a version only once every shard has it:
+  a change some shard refuses (MemoryFullError) leaves the cluster serving the latest version
+  it can hold, and `status()` names the refused one until capacity is added;
+- checks router capacity before its own writes commit, so a write it cannot hold is refused
+  whole and never reaches the store;
+- stamps each placement with an epoch: a request pinned before a rebalance keeps seeing its
+  documents on the shards that held them, or gets a typed retryable error.
 """
 
 from __future__ import annotations
@@ -17,14 +18,24 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from msa_cluster.actors.calls import gather, submit
-from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts
-from msa_cluster.storage_adapters import CommitResult, MemoryStore, StoreSnapshot
-from msa_cluster.types import EncodedDocument, Retrieval, RoutingQuery, ShardUnavailable
+import torch
 
-__all__ = ["Coordinator", "balance"]
+from msa_cluster.actors.calls import KVHandle, RouterHandle, gather, submit
+from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts
+from msa_cluster.actors.router_shard import ShardState
+from msa_cluster.storage_adapters import ALL_TENANTS, CommitResult, MemoryStore
+from msa_cluster.types import (
+    EncodedDocument,
+    MemoryFullError,
+    Retrieval,
+    RoutingQuery,
+    ShardUnavailableError,
+)
+
+__all__ = ["Coordinator", "Assignment", "ClusterStatus", "balance"]
 
 log = logging.getLogger(__name__)
 
@@ -40,77 +51,95 @@ def balance(chunks: dict[int, int], num_shards: int, current: dict[int, int] | N
         raise ValueError(f"need at least one shard, got {num_shards}")
     current = current or {}
     fair = sum(chunks.values()) / num_shards
+    biggest = max(chunks.values(), default=0)
     loads = [0] * num_shards
     placed: dict[int, int] = {}
     for doc_id in sorted(chunks, key=lambda d: (-chunks[d], d)):
         s = current.get(doc_id)
-        if s is not None and s < num_shards and loads[s] + chunks[doc_id] <= fair + max(chunks.values()):
+        if s is not None and s < num_shards and loads[s] + chunks[doc_id] <= fair + biggest:
             placed[doc_id] = s
             loads[s] += chunks[doc_id]
-    for doc_id in sorted(set(chunks) - set(placed), key=lambda d: (-chunks[d], d)):
-        s = min(range(num_shards), key=lambda i: (loads[i], i))
-        placed[doc_id] = s
-        loads[s] += chunks[doc_id]
+    _place(sorted(set(chunks) - set(placed)), chunks, loads, placed)
     return placed
 
 
+def _place(doc_ids: Iterable[int], chunks: dict[int, int], loads: list[int], placed: dict[int, int]) -> None:
+    """Put each document, largest first, on the least-loaded shard (ties to the lower index)."""
+    for doc_id in sorted(doc_ids, key=lambda d: (-chunks[d], d)):
+        s = min(range(len(loads)), key=lambda i: (loads[i], i))
+        placed[doc_id] = s
+        loads[s] += chunks[doc_id]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What shard i must hold: its documents as of (version, epoch). version -1: nothing yet."""
+
+    version: int
+    epoch: int
+    doc_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    version: int  # the version the cluster serves
+    epoch: int
+    store_version: int  # the store's latest
+    refused_version: int | None  # a newer store version the cluster could not hold, and why
+    refused_reason: str | None
+    documents: int
+    shards: tuple[ShardState | None, ...]  # None: the shard has not confirmed the served state
+    chunks_per_shard: tuple[int, ...]
+
+
 class Coordinator:
-    """Plain class; `actors.remote` makes it a named, detached, threaded actor.
+    """Plain class; `actors.remote.CoordinatorActor` subclasses it as a named, detached, threaded actor.
 
     routers[i] and kvs[i] are handles (Ray actors or plain objects) of shard pair i.
     """
 
-    def __init__(self, store: MemoryStore, routers: Sequence[Any] = (), kvs: Sequence[Any] = (), timeout_s: float = 30.0):
+    def __init__(self, *, store: MemoryStore, routers: Sequence[RouterHandle] = (), kvs: Sequence[KVHandle] = (),
+                 timeout_s: float = 30.0):
         if len(routers) != len(kvs):
             raise ValueError(f"{len(routers)} router shards but {len(kvs)} kv shards: they come in pairs")
         self.store = store
         self.timeout_s = timeout_s
         self._routers, self._kvs = list(routers), list(kvs)
-        self._lock = threading.RLock()  # serialises changes; never held while waiting on a shard's start-up
-        self._placement: dict[int, int] = {}
-        self._chunks: dict[int, int] = {}
-        self.version = -1
+        self._lock = threading.RLock()  # serialises changes
+        self.version = -1  # the version served: every shard holds it
+        self.epoch = 0  # the placement epoch served
+        self._next_epoch = 1  # epochs are never reused, even for a rebalance that was refused
+        self._placement: dict[int, int] = {}  # doc id -> shard, at the served version
+        self._chunks: dict[int, int] = {}  # doc id -> chunks, at the served version
+        self._acked: dict[int, tuple[int, int]] = {}  # shard -> (version, epoch) it confirmed
+        self.refused: tuple[int, str] | None = None
 
-    # ------------------------------------------------------------------ placement
-    def plan(self, num_shards: int | None = None) -> int:
-        """Place every document of the latest store version (no shard is contacted)."""
-        with self._lock:
-            snap = self.store.snapshot()
-            self._chunks = {d: snap.info(d).num_chunks for d in snap.doc_ids()}
-            n = len(self._routers) if num_shards is None else num_shards
-            self._placement = balance(self._chunks, n, self._placement)
-            self.version = snap.version
-            return self.version
-
-    def assignment(self, shard: int) -> tuple[int, list[int]]:
-        """(version, doc ids) a shard must hold: what a (re)started shard loads from the store."""
+    # ------------------------------------------------------------------ shards
+    def assignment(self, shard: int) -> Assignment:
+        """What a (re)started shard loads from the store."""
         with self._lock:
             if self.version < 0:
-                self.plan()
-            return self.version, sorted(d for d, s in self._placement.items() if s == shard)
+                return Assignment(-1, self.epoch, ())
+            return Assignment(self.version, self.epoch, tuple(sorted(d for d, s in self._placement.items() if s == shard)))
 
-    def attach(self, routers: Sequence[Any], kvs: Sequence[Any], load: bool = True) -> int:
-        """Use these shard pairs (start-up, or nodes joined/left): rebalance and reload every shard."""
-        if len(routers) != len(kvs):
-            raise ValueError(f"{len(routers)} router shards but {len(kvs)} kv shards: they come in pairs")
+    def attach(self, routers: Sequence[RouterHandle], kvs: Sequence[KVHandle]) -> int:
+        """Serve with these shard pairs (start-up, nodes joined or left): rebalance in a new epoch.
+
+        Refused whole (MemoryFullError) when the new placement does not fit; the old one stays.
+        """
+        if len(routers) != len(kvs) or not routers:
+            raise ValueError(f"{len(routers)} router shards and {len(kvs)} kv shards: need at least one pair, in pairs")
         with self._lock:
-            self._routers, self._kvs = list(routers), list(kvs)
-            version = self.plan(len(routers))
-            if load:
-                self._reset_all()
-            return version
+            old = (self._routers, self._kvs, self._placement, self._chunks, self._acked)
+            self._routers, self._kvs, self._acked = list(routers), list(kvs), {}
+            try:
+                return self._move_to(self._latest() if self.version < 0 else self.version, rebalance=True)
+            except BaseException:
+                self._routers, self._kvs, self._placement, self._chunks, self._acked = old
+                raise
 
-    def _reset_all(self, only: Sequence[int] | None = None) -> None:
-        pending = []
-        for s, (router, kv) in enumerate(zip(self._routers, self._kvs)):
-            if only is not None and s not in only:
-                continue
-            ids = sorted(d for d, o in self._placement.items() if o == s)
-            pending += [submit(router, "reset", self.version, ids), submit(kv, "sync", self.version, ids)]
-        gather(pending, self.timeout_s)
-
-    def recover(self, routers: Sequence[Any], kvs: Sequence[Any]) -> int:
-        """After a coordinator restart: adopt what the live shards hold, reload only what differs.
+    def recover(self, routers: Sequence[RouterHandle], kvs: Sequence[KVHandle]) -> int:
+        """After a coordinator restart: adopt what the live shards hold, then converge to the latest version.
 
         A shard that does not answer is skipped: when Ray restarts it, it loads its assignment itself.
         """
@@ -119,77 +148,181 @@ class Coordinator:
             held: dict[int, int] = {}
             for s, router in enumerate(self._routers):
                 try:
-                    for d in gather([submit(router, "doc_ids")], self.timeout_s)[0]:
+                    state, ids = gather([submit(router, "state"), submit(router, "doc_ids")], self.timeout_s)
+                    self._next_epoch = max(self._next_epoch, state.epoch + 1)
+                    for d in ids:
                         held.setdefault(d, s)
-                except ShardUnavailable as e:
+                except ShardUnavailableError as e:
                     log.warning("router shard %d did not answer during recovery: %s", s, e)
-            self._placement = held
-            self.plan(len(self._routers))
-            stale = [s for s in range(len(self._routers)) if sorted(d for d, o in held.items() if o == s)
-                     != sorted(d for d, o in self._placement.items() if o == s)]
+            self._placement, self._chunks = held, {}
             try:
-                self._reset_all(only=stale)
-            except ShardUnavailable as e:
-                log.warning("some shards were not reloaded during recovery: %s", e)
-            return self.version
-
-    # ------------------------------------------------------------------ changes
-    def sync(self) -> int:
-        """Bring shards to the store's latest version (inserts/deletes from any writer)."""
-        with self._lock:
-            new = self.store.snapshot()
-            if new.version <= self.version:
+                return self._move_to(self._latest(), rebalance=True)
+            except (ShardUnavailableError, MemoryFullError) as e:
+                log.warning("recovery is not complete yet (the next sync retries): %s", e)
                 return self.version
-            old = self.store.snapshot(self.version) if self.version >= 0 else None
-            added, removed = _diff(old, new)
-            for d in removed:
-                self._placement.pop(d, None)
-                self._chunks.pop(d, None)
-            for d in added:
-                self._chunks[d] = new.info(d).num_chunks
-            fresh = {d: self._chunks[d] for d in added if d not in self._placement}
-            loads = self._loads()
-            for d in sorted(fresh, key=lambda d: (-fresh[d], d)):
-                s = min(range(len(self._routers)), key=lambda i: (loads[i], i))
-                self._placement[d] = s
-                loads[s] += fresh[d]
-            pending = []
-            for s, (router, kv) in enumerate(zip(self._routers, self._kvs)):
-                mine = [d for d in added if self._placement[d] == s]
-                pending += [submit(router, "update", new.version, mine, removed), submit(kv, "sync", new.version, mine)]
-            self.version = new.version
+
+    def sync(self) -> int:
+        """Serve the store's latest version (changes from any writer), or converge shards that lag; returns the served one."""
+        with self._lock:
+            latest = self._latest()
+            if latest == self.version and len(self._acked) == len(self._routers) and all(
+                    a == (self.version, self.epoch) for a in self._acked.values()):
+                return self.version
             try:
-                gather(pending, self.timeout_s)
-            except ShardUnavailable as e:  # a restarted shard loads the new version from the store itself
-                log.warning("a shard missed version %d: %s", new.version, e)
-            return self.version
+                return self._move_to(latest, rebalance=self.version < 0)
+            except MemoryFullError as e:
+                log.warning("cluster keeps serving version %d: %s", self.version, e)
+                return self.version
 
-    def _loads(self) -> list[int]:
+    def _latest(self) -> int:
+        return self.store.latest_version()
+
+    def _move_to(self, version: int, *, rebalance: bool) -> int:
+        """Converge every shard to `version` (a new epoch when rebalancing); serve it once all hold it."""
+        chunks, placement = self._plan(version, rebalance)
+        epoch = self._next_epoch if rebalance else self.epoch
+        if rebalance:
+            self._next_epoch += 1
+        n = len(self._routers)
+        assigned = [sorted(d for d, s in placement.items() if s == i) for i in range(n)]
+        pending = [submit(self._routers[i], "converge", version, epoch, assigned[i]) for i in range(n)]
+        pending += [submit(self._kvs[i], "converge", version, epoch, assigned[i]) for i in range(n)]
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        for p in pending:  # every shard gets its chance; the first refusal is reported
+            try:
+                results.append(gather([p], self.timeout_s)[0])
+            except (MemoryFullError, ShardUnavailableError) as e:
+                results.append(None)
+                errors.append(e)
+        for i in range(n):
+            if isinstance(results[i], ShardState):
+                self._acked[i] = (results[i].version, results[i].epoch)
+        full = [e for e in errors if isinstance(e, MemoryFullError)]
+        if full:
+            self.refused = (version, str(full[0]))
+            raise MemoryFullError(f"the cluster cannot hold store version {version}: {full[0]}") from full[0]
+        if errors:
+            raise errors[0]
+        self.version, self.epoch, self._placement, self._chunks = version, epoch, placement, chunks
+        if self.refused is not None and self.refused[0] <= version:
+            self.refused = None
+        return version
+
+    def _plan(self, version: int, rebalance: bool) -> tuple[dict[int, int], dict[int, int]]:
+        """(chunks, placement) of every document live at `version`, moving as few as possible."""
+        if self.version < 0 or not self._chunks:
+            snap = self.store.snapshot(version)
+            chunks = {d: snap.info(d, tenant=ALL_TENANTS).num_chunks for d in snap.doc_ids(ALL_TENANTS)}
+            return chunks, balance(chunks, len(self._routers), self._placement)
+        chunks, placement = dict(self._chunks), dict(self._placement)
+        if version != self.version:
+            diff = self.store.diff(self.version, version)
+            for d in diff.removed:
+                chunks.pop(d, None)
+                placement.pop(d, None)
+            chunks.update(diff.chunks)
+        if rebalance:
+            return chunks, balance(chunks, len(self._routers), placement)
         loads = [0] * len(self._routers)
-        for d, s in self._placement.items():
-            loads[s] += self._chunks.get(d, 0)
-        return loads
+        for d, s in placement.items():
+            loads[s] += chunks[d]
+        _place([d for d in chunks if d not in placement], chunks, loads, placement)
+        return chunks, placement
 
-    def insert(self, docs: Iterable[EncodedDocument], replace: bool = False) -> CommitResult:
-        """Commit documents to the store, then apply them to the shards; returns the commit."""
-        result = self.store.insert(list(docs), replace=replace)
-        self.sync()
-        return result
+    # ------------------------------------------------------------------ writes (checked for room first)
+    def allocate_ids(self, tenant: str, *, count: int | None = None, client_ids: Sequence[str] | None = None) -> list[int]:
+        """Ids for new documents of `tenant` (see MemoryStore.allocate_ids)."""
+        return self.store.allocate_ids(tenant, count=count, client_ids=client_ids)
 
-    def delete(self, doc_ids: Iterable[int], tenant: str | None = None, missing_ok: bool = False) -> CommitResult:
-        result = self.store.delete(list(doc_ids), tenant=tenant, missing_ok=missing_ok)
-        self.sync()
-        return result
+    def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
+        """Commit documents and serve them; refused whole (MemoryFullError, nothing committed) without room."""
+        docs = list(docs)
+        with self._lock:
+            self._check_room(docs)
+            before = self.store.latest_version()
+            result = self.store.insert(docs, replace=replace)
+            if result.version != before:
+                self._serve_or_undo(result, docs)
+            return result
+
+    def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
+        """Replace live documents of their tenants (UnknownDocumentError for any other id)."""
+        docs = list(docs)
+        with self._lock:
+            self._check_room(docs)
+            result = self.store.update(docs)
+            self._serve_or_undo(result, docs)
+            return result
+
+    def delete(self, doc_ids: Iterable[int], *, tenant: str, missing_ok: bool = False) -> CommitResult:
+        """Delete documents of `tenant`; visible to the next request once served."""
+        with self._lock:
+            result = self.store.delete(list(doc_ids), tenant=tenant, missing_ok=missing_ok)
+            self._move_or_raise(result.version)
+            return result
+
+    def _check_room(self, docs: list[EncodedDocument]) -> None:
+        """MemoryFullError naming the shard when the new documents (and any backlog) would not fit."""
+        if not docs:
+            return
+        latest = self.store.latest_version()
+        chunks = dict(self._chunks)
+        if latest != self.version and self.version >= 0:
+            chunks.update(self.store.diff(self.version, latest).chunks)
+        new = {d.doc_id: d.num_chunks for d in docs}
+        placement = dict(self._placement)
+        loads = [0] * len(self._routers)
+        for d, s in placement.items():
+            loads[s] += chunks.get(d, 0)
+        extra = [0] * len(self._routers)
+        pending = {**{d: c for d, c in chunks.items() if d not in placement}, **new}
+        before = list(loads)
+        _place(list(pending), pending, loads, placement)
+        extra = [loads[i] - before[i] for i in range(len(loads))]
+        room = gather([submit(r, "headroom_bytes") for r in self._routers], self.timeout_s)
+        row = _chunk_bytes(docs[0])
+        for i, (free, need) in enumerate(zip(room, extra)):
+            if free is not None and need * row > free:
+                raise MemoryFullError(f"router shard {i} has room for {max(free, 0) // row} more chunks, and this write "
+                                      f"needs {need}; nothing was written. Add router shards (nodes) or raise the capacity")
+
+    def _serve_or_undo(self, result: CommitResult, docs: list[EncodedDocument]) -> None:
+        """Serve a committed write; if the cluster cannot hold it (a racing writer), undo it and refuse."""
+        try:
+            self._move_or_raise(result.version)
+        except MemoryFullError:
+            old = self.store.snapshot(self.version) if self.version >= 0 else None
+            mine = {d.doc_id: d.tenant for d in docs}
+            for tenant in sorted(set(mine.values())):
+                ids = [d for d, t in mine.items() if t == tenant and d in result.inserted]
+                if ids:
+                    self.store.delete(ids, tenant=tenant, missing_ok=True)
+                back = [d for d, t in mine.items() if t == tenant and d in result.replaced]
+                if back and old is not None:
+                    self.store.insert(old.documents(back, tenant=tenant), replace=True)
+            self.sync()
+            raise
+
+    def _move_or_raise(self, version: int) -> None:
+        """Serve `version` now: MemoryFullError if some shard refuses, ShardUnavailableError if one is down."""
+        if version > self.version:
+            try:
+                self._move_to(version, rebalance=self.version < 0)
+            except ShardUnavailableError as e:  # committed; served once the shard is back (the poll retries)
+                log.warning("version %d is committed but not served yet: %s", version, e)
 
     # ------------------------------------------------------------------ queries
     def view(self) -> ClusterView:
-        """The latest version and the shard handles: what a request pins."""
+        """The version and placement epoch served, and the shard handles: what a request pins."""
         with self._lock:
-            return ClusterView(self.version, tuple(self._routers), tuple(self._kvs), self.timeout_s)
+            if self.version < 0:
+                raise ShardUnavailableError("the memory cluster is starting or recovering: no version is served yet")
+            return ClusterView(self.version, tuple(self._routers), tuple(self._kvs), self.timeout_s, self.epoch)
 
-    def retrieve(self, layer: int, query: RoutingQuery, top_k: int, tenants: Sequence[str], versions: Sequence[int] | None = None) -> Retrieval:
+    def retrieve(self, layer: int, query: RoutingQuery, top_k: int, tenants: Sequence[str]) -> Retrieval:
         """Coordinator-side fan-out (the alternative to generator-side; see BENCHMARKS.md)."""
-        return fan_out(self.view(), layer, query, top_k, tenants, versions)
+        return fan_out(self.view(), layer, query, top_k, tenants)
 
     def texts(self, doc_ids: Sequence[int], tenant: str, version: int | None = None) -> dict[int, str]:
         view = self.view()
@@ -199,16 +332,23 @@ class Coordinator:
         with self._lock:
             return dict(self._placement)
 
-    def stats(self) -> dict:
+    def status(self) -> ClusterStatus:
         with self._lock:
-            return {"version": self.version, "documents": len(self._placement), "shards": len(self._routers), "chunks_per_shard": self._loads()}
+            loads = [0] * len(self._routers)
+            for d, s in self._placement.items():
+                loads[s] += self._chunks.get(d, 0)
+            shards = tuple(ShardState(i, *self._acked[i], sum(1 for s in self._placement.values() if s == i))
+                           if self._acked.get(i) == (self.version, self.epoch) else None for i in range(len(self._routers)))
+            return ClusterStatus(self.version, self.epoch, self._latest(), self.refused[0] if self.refused else None,
+                                 self.refused[1] if self.refused else None, len(self._placement), shards, tuple(loads))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.status()
+        return {"version": s.version, "epoch": s.epoch, "documents": s.documents, "shards": len(s.shards),
+                "chunks_per_shard": list(s.chunks_per_shard), "refused_version": s.refused_version}
 
 
-def _diff(old: StoreSnapshot | None, new: StoreSnapshot) -> tuple[list[int], list[int]]:
-    """(added or changed ids, removed ids) between two versions."""
-    new_ids = set(new.doc_ids())
-    if old is None:
-        return sorted(new_ids), []
-    old_ids = set(old.doc_ids())
-    changed = [d for d in new_ids & old_ids if new.content_id(d) != old.content_id(d)]
-    return sorted((new_ids - old_ids) | set(changed)), sorted(old_ids - new_ids)
+def _chunk_bytes(doc: EncodedDocument) -> int:
+    """Bytes of one chunk of router keys across all routing layers."""
+    rk = doc.router_keys
+    return int(rk.shape[0] * rk.shape[2] * rk.shape[3] * torch.empty(0, dtype=rk.dtype).element_size())

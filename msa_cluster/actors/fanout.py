@@ -19,52 +19,59 @@ from typing import Any
 
 import torch
 
-from msa_cluster.actors.calls import gather, is_actor, submit
+from msa_cluster.actors.calls import KVHandle, RouterHandle, gather, is_actor, submit
 from msa_cluster.kernels.routing import merge_top_k
-from msa_cluster.types import Retrieval, RoutingQuery, ScoredDoc, ShardUnavailable
+from msa_cluster.types import Retrieval, RoutingQuery, ScoredDoc, ShardUnavailableError
 
 __all__ = ["ClusterView", "fan_out", "fetch_texts"]
 
 
 @dataclass(frozen=True)
 class ClusterView:
+    """What one request pins: the store version and placement epoch the cluster serves, and its shards."""
+
     version: int
-    routers: tuple[Any, ...]
-    kvs: tuple[Any, ...]
+    routers: tuple[RouterHandle, ...]
+    kvs: tuple[KVHandle, ...]
     timeout_s: float = 30.0
+    epoch: int = 0
 
 
 def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tenants: Sequence[str],
-            versions: Sequence[int] | None = None) -> Retrieval:
-    """Score at every router shard, merge to the global top-k, fetch the winners' K/V in one pass."""
-    versions = [view.version] * query.batch_size if versions is None else list(versions)
+            pins: Sequence[tuple[int, int]] | None = None) -> Retrieval:
+    """Score at every router shard, merge to the global top-k, fetch the winners' K/V in one pass.
+
+    pins[b] = (version, epoch) of row b (the view's own by default): rows of several requests may
+    share one fan-out, each keeping its own snapshot and tenant.
+    """
+    pins = [(view.version, view.epoch)] * query.batch_size if pins is None else [tuple(p) for p in pins]  # type: ignore[misc]
     deadline = time.monotonic() + view.timeout_s
     q = _shared(RoutingQuery(query.vectors.contiguous(), query.mask, query.spec, query.folded), view.routers)
-    parts = _unique(gather([submit(r, "score", layer, q, top_k, list(tenants), versions) for r in view.routers], view.timeout_s))
+    parts = _unique(gather([submit(r, "score", layer, q, top_k, list(tenants), pins) for r in view.routers], view.timeout_s))
     owner: dict[int, int] = {}
     for shard, rows in enumerate(parts):
         for row in rows:
             for d in row:
                 owner[d.doc_id] = shard
     merged = merge_top_k(parts, top_k)
-    # One fetch per (shard, version) with the union of the rows' winners, then split per row.
-    wanted: dict[tuple[int, int], list[int]] = {}
-    for row, version in zip(merged, versions):
+    # One fetch per (shard, version, tenant) with the union of the rows' winners, then split per row.
+    wanted: dict[tuple[int, int, str], list[int]] = {}
+    for row, (version, _), tenant in zip(merged, pins, tenants):
         for d in row:
-            ids = wanted.setdefault((owner[d.doc_id], version), [])
+            ids = wanted.setdefault((owner[d.doc_id], version, tenant), [])
             if d.doc_id not in ids:
                 ids.append(d.doc_id)
-    keys_ = list(wanted)
+    groups = list(wanted)
     remaining = max(deadline - time.monotonic(), 0.001)
-    fetched = gather([submit(view.kvs[s], "fetch", layer, wanted[(s, v)], v) for s, v in keys_], remaining)
+    fetched = gather([submit(view.kvs[s], "fetch", layer, wanted[(s, v, t)], v, t) for s, v, t in groups], remaining)
     pieces: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (s, v), (k, val, counts) in zip(keys_, fetched):
+    for (s, v, _), (k, val, counts) in zip(groups, fetched):
         start = 0
-        for doc_id, c in zip(wanted[(s, v)], counts):
+        for doc_id, c in zip(wanted[(s, v, _)], counts):
             pieces[(doc_id, v)] = (k[start : start + c], val[start : start + c])
             start += c
     keys, values = [], []
-    for row, version in zip(merged, versions):
+    for row, (version, _) in zip(merged, pins):
         ks = [pieces[(d.doc_id, version)][0] for d in row]
         vs = [pieces[(d.doc_id, version)][1] for d in row]
         keys.append(torch.cat(ks) if ks else torch.empty(0))
@@ -73,7 +80,8 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
 
 
 def _unique(parts: list[list[list[ScoredDoc]]]) -> list[list[list[ScoredDoc]]]:
-    """Keep a document once per row: while a rebalance moves it, two shards may briefly both hold it."""
+    """Keep a document once per row. Epochs already make a moved document visible on one shard per
+    pin; this guards the merge against a shard that has not retired an entry yet."""
     seen: list[set[int]] = [set() for _ in (parts[0] if parts else [])]
     out = []
     for rows in parts:
@@ -85,7 +93,7 @@ def _unique(parts: list[list[list[ScoredDoc]]]) -> list[list[list[ScoredDoc]]]:
     return out
 
 
-def _shared(query: RoutingQuery, routers: Sequence[Any]) -> Any:
+def _shared(query: RoutingQuery, routers: Sequence[RouterHandle]) -> Any:
     """Put the query in the object store once when several actors read it (else it is sent to each)."""
     if sum(1 for r in routers if is_actor(r)) < 2:
         return query
@@ -101,7 +109,7 @@ def fetch_texts(view: ClusterView, doc_ids: Sequence[int], tenant: str, version:
     for attempt, kv in enumerate(view.kvs):
         try:
             return gather([submit(kv, "texts", list(doc_ids), version, tenant)], view.timeout_s)[0]
-        except ShardUnavailable:
+        except ShardUnavailableError:
             if attempt == len(view.kvs) - 1:
                 raise
     return {}

@@ -11,11 +11,12 @@ Legend: C chunks, Hkv kv heads, D head dim.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from msa_cluster.storage_adapters import MemoryStore, StoreError, StoreSnapshot, TieredKVReader
-from msa_cluster.types import SnapshotGoneError
+from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreError, StoreSnapshot, TieredKVReader
+from msa_cluster.types import SnapshotGoneError, routing_row
 
 __all__ = ["KVShard"]
 
@@ -24,12 +25,12 @@ class KVShard:
     """Plain class; `actors.remote` wraps it as an actor.
 
     Example:
-        >>> shard = KVShard(0, store, budget_bytes=1 << 30)            # doctest: +SKIP
-        >>> shard.sync(version=3, doc_ids=[1, 4])                       # doctest: +SKIP
-        >>> k, v, counts = shard.fetch(layer=18, doc_ids=[4, 1], version=3)  # doctest: +SKIP
+        >>> shard = KVShard(shard_id=0, store=store, budget_bytes=1 << 30)           # doctest: +SKIP
+        >>> shard.converge(version=3, epoch=0, doc_ids=[1, 4])                       # doctest: +SKIP
+        >>> k, v, counts = shard.fetch(18, [4, 1], version=3, tenant="acme")         # doctest: +SKIP
     """
 
-    def __init__(self, shard_id: int, store: MemoryStore, budget_bytes: int = 1 << 30):
+    def __init__(self, *, shard_id: int, store: MemoryStore, budget_bytes: int = 1 << 30):
         self.shard_id = shard_id
         self.store = store
         self.budget_bytes = budget_bytes
@@ -42,11 +43,15 @@ class KVShard:
         except (StoreError, FileNotFoundError) as e:
             raise SnapshotGoneError(f"kv shard {self.shard_id}: version {version} is not readable: {e}") from e
 
-    def sync(self, version: int, doc_ids: Sequence[int] = (), prefetch: bool = False) -> int:
-        """Move the hot tier to `version` (dropping documents deleted or changed there)."""
+    def converge(self, version: int, epoch: int = 0, doc_ids: Sequence[int] = (), prefetch: bool = False) -> int:
+        """Move the hot tier to `version` (dropping documents deleted or changed there); idempotent.
+
+        The KV tier holds no state a request depends on (every read names its version), so any
+        state converges by moving forward; `epoch` is accepted for symmetry with router shards.
+        """
         snap = self._snapshot(version)
         if self._reader is None:
-            self._reader = TieredKVReader(snap, self.budget_bytes)
+            self._reader = TieredKVReader(snap, self.budget_bytes, ALL_TENANTS)
         elif version > self.version:
             self._reader.set_snapshot(snap)
         self.version = max(self.version, version)
@@ -54,15 +59,16 @@ class KVShard:
             self._reader.prefetch([i for i in doc_ids if i in snap])
         return self.version
 
-    def fetch(self, layer: int, doc_ids: Sequence[int], version: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """K, V [sum C, Hkv, D] of `doc_ids` at `layer`, concatenated in the given order, and C per doc."""
+    def ready(self) -> int:
+        return self.version
+
+    def fetch(self, layer: int, doc_ids: Sequence[int], version: int, tenant: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """K, V [sum C, Hkv, D] of `tenant`'s `doc_ids` at `layer`, in the given order, and C per doc."""
         snap = self._snapshot(version)
-        layers = snap.fingerprint.routing_layers
-        if layer not in layers:
-            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {layers}")
-        r = layers.index(layer)
+        r = routing_row(snap.fingerprint.routing_layers, layer)
         ks, vs, counts = [], [], []
         for doc_id in doc_ids:
+            snap.info(int(doc_id), tenant=tenant)  # UnknownDocumentError unless it is the tenant's
             k, v = self._kv(int(doc_id), snap)
             ks.append(k[r])
             vs.append(v[r])
@@ -71,20 +77,20 @@ class KVShard:
             return torch.empty(0), torch.empty(0), []
         return torch.cat(ks), torch.cat(vs), counts
 
-    def _kv(self, doc_id: int, snap: StoreSnapshot):
+    def _kv(self, doc_id: int, snap: StoreSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
         """From the hot tier when it holds this version's content of the document, else from `snap`."""
         reader = self._reader
         if reader is not None:
             hot = reader.snapshot
-            if hot is snap or (doc_id in hot and doc_id in snap and hot.content_id(doc_id) == snap.content_id(doc_id)):
+            if hot is snap or (doc_id in hot and hot.content_id(doc_id, tenant=ALL_TENANTS) == snap.content_id(doc_id, tenant=ALL_TENANTS)):
                 return reader.get(doc_id)
-        return snap.read_kv(doc_id)
+        return snap.read_kv(doc_id, tenant=ALL_TENANTS)
 
     def texts(self, doc_ids: Sequence[int], version: int, tenant: str) -> dict[int, str]:
         """Raw texts of the documents of `tenant` live at `version`; other ids are left out."""
         snap = self._snapshot(version)
         return snap.texts([i for i in doc_ids if i in snap], tenant=tenant)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         s = self._reader.stats() if self._reader is not None else None
         return {"shard_id": self.shard_id, "version": self.version, "tier": None if s is None else s.__dict__}

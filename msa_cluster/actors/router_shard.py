@@ -1,256 +1,249 @@
 """RouterShard: the router keys of a subset of documents, scored per routing layer.
 
-Legend: R routing layers, C chunks, Hkv kv heads, D head dim, N entries, B query rows.
+Legend: R routing layers, C chunks, Hkv kv heads, D head dim, B query rows.
 
-Keys live in one append-only arena per shard, [R, capacity, Hkv, D], on the shard's device
-(its GPU when it has one). Each entry (one version of one document) owns a contiguous chunk
-range and the version interval [added, removed) in which it is visible. A query names the
-store version its request pinned, so one request sees one snapshot across all layers and
-rounds even while inserts and deletes land; entries removed longer ago than `grace_s` are
-dropped and the arena is compacted once half of it is dead.
+A shard holds one `RouterArena` per tenant (the package's one router-key structure), on its
+device (its GPU when it has one). Every entry is visible to an interval of store versions and
+an interval of placement epochs, so a request pinned to (version, epoch) sees exactly one
+snapshot across all layers and rounds while inserts, deletes and rebalances land.
 
-Scores come from the canonical `doc_scores` (fixed tiles, float64 then float32): a document's
-score does not depend on its neighbours in the arena, so any sharding selects the same
-documents as scoring everything in one place. Tenant and version filtering happen before top-k.
-The router tier never evicts; past `capacity_bytes` it refuses new documents (MemoryFullError).
+The coordinator drives a shard with one idempotent call, `converge(version, epoch, doc_ids)`:
+"hold these documents as of this version and epoch". The shard works out what it lacks from
+its own state and the store (behind, ahead, with a gap, or empty after a restart all converge
+the same way), so no state of the coordinator or the shard can wedge the cluster.
+
+The router tier never evicts: past `capacity_bytes` a change is refused whole (MemoryFullError)
+and the shard keeps serving what it held. Removed entries count against capacity until their
+grace period ends, because pinned requests may still read them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from msa_cluster.kernels.routing import doc_scores, select_top_k
+from msa_cluster.kernels.arena import Pin, RouterArena
+from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreSnapshot
 from msa_cluster.types import MemoryFullError, RoutingQuery, ScoredDoc, SnapshotGoneError, StaleShardError
 
-__all__ = ["RouterShard", "RouterEntry"]
+__all__ = ["RouterShard", "ShardState"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RouterEntry:
-    doc_id: int
-    tenant: str
-    start: int  # first chunk in the arena
-    count: int  # chunks
-    added: int  # version the entry became visible
-    removed: float = math.inf  # version it stopped being visible
-    removed_at: float = math.inf  # wall time of the removal, for the grace period
+@dataclass(frozen=True)
+class ShardState:
+    """What a shard serves: the newest version and epoch it applied, and how many documents it holds."""
+
+    shard_id: int
+    version: int
+    epoch: int
+    documents: int
 
 
 class RouterShard:
-    """Plain class, unit-tested without Ray; `actors.remote` wraps it as an actor.
+    """Plain class, unit-tested without Ray; `actors.remote.RouterShardActor` subclasses it.
 
     Example:
-        >>> shard = RouterShard(0, routing_layers=(2, 3))                               # doctest: +SKIP
-        >>> shard.apply(version=1, added=[(7, "acme", rk)])  # rk [R, C, Hkv, D]      # doctest: +SKIP
-        >>> shard.score(2, query, top_k=16, tenants=["acme"], version=1)              # doctest: +SKIP
+        >>> shard = RouterShard(shard_id=0, routing_layers=(2, 3), store=store)       # doctest: +SKIP
+        >>> shard.converge(version=4, epoch=1, doc_ids=[7, 9])                         # doctest: +SKIP
+        >>> shard.score(2, query, top_k=16, tenants=["acme"], pins=[(4, 1)])           # doctest: +SKIP
     """
 
-    def __init__(self, shard_id: int, routing_layers: tuple[int, ...], capacity_bytes: int | None = None,
-                 device: str | torch.device = "cpu", grace_s: float = 300.0, store=None):
+    def __init__(self, *, shard_id: int, routing_layers: Sequence[int], store: MemoryStore | None = None,
+                 capacity_bytes: int | None = None, device: str | torch.device = "cpu", grace_s: float = 300.0):
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {grace_s}")
         self.shard_id = shard_id
-        self.store = store  # a MemoryStore: where update()/reset() read router keys
-        self.routing_layers = tuple(routing_layers)
+        self.store = store  # where converge() reads router keys
+        self.routing_layers = tuple(int(x) for x in routing_layers)
         self.capacity_bytes = capacity_bytes
         self.device = torch.device(device)
         self.grace_s = grace_s
-        self.version = -1  # newest version applied; -1: nothing loaded yet
-        self.oldest_version = 0  # requests pinned before this may have lost removed entries
-        self._arena: torch.Tensor | None = None  # [R, capacity, Hkv, D]
-        self._used = 0
-        self._entries: list[RouterEntry] = []
-        self._live: dict[int, RouterEntry] = {}  # doc id -> entry visible at self.version
+        self.version = -1  # newest store version applied; -1: nothing loaded yet
+        self.epoch = 0  # newest placement epoch applied
+        self._arenas: dict[str, RouterArena] = {}
+        self._tenant_of: dict[int, str] = {}  # live doc id -> tenant
+        self._floor = Pin(0, 0)  # requests pinned below were served before a reload: SnapshotGoneError
+        self._chunk_bytes = 0
         self._lock = threading.RLock()
-        self._tables: dict[tuple[int, str], tuple] = {}  # (version, tenant) -> (offsets, ids, visible)
 
-    # ------------------------------------------------------------------ state changes
-    def apply(self, version: int, added=(), removed=()) -> int:
-        """Make `version` current: `added` is [(doc_id, tenant, keys [R, C, Hkv, D])], `removed` doc ids.
+    # ------------------------------------------------------------------ the coordinator's one call
+    def converge(self, version: int, epoch: int, doc_ids: Sequence[int]) -> ShardState:
+        """Hold exactly `doc_ids` as of store `version` and placement `epoch`; idempotent.
 
-        All or nothing: if the added keys do not fit, MemoryFullError and nothing changes.
-        A re-added id replaces its previous entry from `version` on.
+        From a state just behind, apply the difference (pinned requests keep their view); from
+        any other state (ahead, a gap the store no longer has, a new epoch it missed) reload.
+        Refused whole with MemoryFullError when the keys do not fit; nothing changes then.
         """
-        added = list(added)
+        if self.store is None:
+            raise RuntimeError(f"router shard {self.shard_id} has no store to load from")
+        target = {int(d) for d in doc_ids}
         with self._lock:
-            if version < self.version:  # already loaded a later snapshot, which includes this change
-                log.debug("router shard %d at version %d skips older change %d", self.shard_id, self.version, version)
-                return self.version
-            extra = sum(k.shape[1] for _, _, k in added)
-            self._reserve(extra, added)
-            now = time.monotonic()
-            for doc_id in list(removed) + [d for d, _, _ in added]:
-                old = self._live.pop(int(doc_id), None)
-                if old is not None:
-                    old.removed, old.removed_at = version, now
-            for doc_id, tenant, keys in added:
-                if tuple(keys.shape[:1]) != (len(self.routing_layers),):
-                    raise ValueError(f"router keys of document {doc_id} have shape {tuple(keys.shape)}; expected [R={len(self.routing_layers)}, C, Hkv, D]")
-                entry = RouterEntry(int(doc_id), str(tenant), self._used, int(keys.shape[1]), version)
-                self._arena[:, self._used : self._used + entry.count] = keys.to(self.device)
-                self._used += entry.count
-                self._entries.append(entry)
-                self._live[entry.doc_id] = entry
-            self.version = version
-            self._tables.clear()
-            self._prune(now)
-            return self.version
+            if (version, epoch) == (self.version, self.epoch) and target == set(self._tenant_of):
+                return self.state()
+            snap = self.store.snapshot(version)
+            if self.version < 0 or version < self.version or epoch < self.epoch:
+                self._reload(snap, epoch, target)
+            else:
+                try:
+                    changed = set(self.store.diff(self.version, version).added) if version > self.version else set()
+                except SnapshotGoneError:  # the version this shard holds was collected: start over
+                    self._reload(snap, epoch, target)
+                    return self.state()
+                self._apply(snap, epoch, target, changed)
+            return self.state()
 
-    def update(self, version: int, added_ids=(), removed_ids=()) -> int:
-        """Apply the store change that produced `version` (the coordinator sends ids only)."""
-        return self.update_from(self.store.snapshot(version), added_ids, removed_ids)
+    def _apply(self, snap: StoreSnapshot, epoch: int, target: set[int], changed: set[int]) -> None:
+        live = set(self._tenant_of)
+        leaving = sorted(live - target)
+        stale = sorted(live & target & changed)
+        arriving = sorted((target - live) | set(stale))
+        self._reserve(snap, arriving, freed=0)
+        now = time.monotonic()
+        deleted = [d for d in leaving if d not in snap]
+        moved = [d for d in leaving if d in snap]
+        for d in deleted:
+            self._arenas[self._tenant_of.pop(d)].remove([d], version=snap.version, now=now)
+        for d in moved:  # placement changed: invisible from the new epoch on, kept for older pins
+            self._arenas[self._tenant_of.pop(d)].remove([d], epoch=epoch, now=now)
+        self._load(snap, arriving, epoch)
+        self.version, self.epoch = snap.version, epoch
+        self._expire(now)
 
-    def reset(self, version: int, doc_ids) -> int:
-        """Hold exactly `doc_ids` as of `version`, read from the store."""
-        return self.reset_from(self.store.snapshot(version), doc_ids)
+    def _reload(self, snap: StoreSnapshot, epoch: int, target: set[int]) -> None:
+        ids = sorted(target)
+        self._reserve(snap, ids, freed=self._held_chunks())
+        log.info("router shard %d reloads %d documents at version %d epoch %d", self.shard_id, len(ids), snap.version, epoch)
+        self._arenas, self._tenant_of = {}, {}
+        self._floor = Pin(snap.version, epoch)
+        self._load(snap, ids, epoch)
+        self.version, self.epoch = snap.version, epoch
 
-    def update_from(self, snapshot, added_ids=(), removed_ids=()) -> int:
-        """Apply a store change: read the added documents' router keys from `snapshot` (one bulk read)."""
-        added_ids = sorted(int(i) for i in added_ids)
-        rk = snapshot.router_keys(doc_ids=added_ids) if added_ids else None
-        added = []
-        if rk is not None:
-            bounds = rk.doc_offsets.tolist()
-            for n, doc_id in enumerate(rk.doc_ids.tolist()):
-                added.append((doc_id, rk.tenants[n], rk.keys[:, bounds[n] : bounds[n + 1]]))
-        return self.apply(snapshot.version, added=added, removed=removed_ids)
-
-    def reset_from(self, snapshot, doc_ids) -> int:
-        """Drop everything and hold exactly `doc_ids` of `snapshot` (start-up, restart, rebalance)."""
-        with self._lock:
-            self._arena, self._used, self._entries, self._live = None, 0, [], {}
-            self._tables.clear()
-            self.version, self.oldest_version = -1, snapshot.version
-            return self.update_from(snapshot, doc_ids)
-
-    def _reserve(self, extra: int, added) -> None:
-        if not added:
+    def _load(self, snap: StoreSnapshot, ids: list[int], epoch: int) -> None:
+        if not ids:
             return
-        sample = added[0][2]
-        if self._arena is None:
-            self._arena = torch.empty(len(self.routing_layers), 0, *sample.shape[2:], dtype=sample.dtype, device=self.device)
-        row_bytes = sample[:, :1].numel() * sample.element_size()  # one chunk, all routing layers
-        if self.capacity_bytes is not None and (self._held_chunks() + extra) * row_bytes > self.capacity_bytes:
+        rk = snap.router_keys(ids, tenant=ALL_TENANTS)  # one bulk read
+        bounds = rk.doc_offsets.tolist()
+        by_tenant: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for n, doc_id in enumerate(rk.doc_ids.tolist()):
+            by_tenant.setdefault(rk.tenants[n], []).append((doc_id, rk.keys[:, bounds[n] : bounds[n + 1]]))
+        for tenant, docs in by_tenant.items():
+            arena = self._arenas.get(tenant)
+            if arena is None:
+                arena = self._arenas[tenant] = RouterArena(self.routing_layers, device=self.device)
+                arena.raise_floor(self._floor)
+            arena.append(docs, version=snap.version, epoch=epoch)
+            self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
+            self._tenant_of.update((d, tenant) for d, _ in docs)
+
+    def _reserve(self, snap: StoreSnapshot, ids: list[int], freed: int) -> None:
+        """Refuse (MemoryFullError, nothing changed) when `ids` do not fit beside what stays held."""
+        if self.capacity_bytes is None or not ids:
+            return
+        self._expire(time.monotonic())
+        extra = sum(snap.info(d, tenant=ALL_TENANTS).num_chunks for d in ids)
+        row = self._chunk_bytes or self._row_bytes(snap)
+        need = (self._held_chunks() - freed + extra) * row
+        if need > self.capacity_bytes:
             raise MemoryFullError(
-                f"router shard {self.shard_id} is full: {self._held_chunks()} + {extra} chunks exceed "
-                f"{self.capacity_bytes} bytes; add router shards (nodes) or raise the capacity"
+                f"router shard {self.shard_id} is full: holding {self._held_chunks() - freed} + {extra} chunks "
+                f"({need} bytes) exceeds its {self.capacity_bytes} bytes; add router shards (nodes) or raise the capacity"
             )
-        need = self._used + extra
-        if need > self._arena.shape[1]:
-            grown = self._arena.new_empty(self._arena.shape[0], max(need, 2 * self._arena.shape[1], 1024), *self._arena.shape[2:])
-            grown[:, : self._used] = self._arena[:, : self._used]
-            self._arena = grown
+
+    def _row_bytes(self, snap: StoreSnapshot) -> int:
+        fp = snap.fingerprint
+        itemsize = torch.empty(0, dtype=getattr(torch, fp.dtype)).element_size()
+        return len(fp.routing_layers) * fp.num_kv_heads * fp.head_dim * itemsize
+
+    def headroom_bytes(self) -> int | None:
+        """Bytes still free (None: unbounded); what the coordinator checks before a commit."""
+        with self._lock:
+            if self.capacity_bytes is None:
+                return None
+            self._expire(time.monotonic())
+            return self.capacity_bytes - self._held_chunks() * self._chunk_bytes
 
     def _held_chunks(self) -> int:
-        """Chunks of every entry still held: visible ones and removed ones inside the grace period."""
-        return sum(e.count for e in self._entries)
+        return sum(a.held_chunks for a in self._arenas.values())
 
-    def _prune(self, now: float) -> None:
-        """Forget entries removed more than grace_s ago; compact the arena when half of it is dead."""
-        expired = [e for e in self._entries if e.removed_at + self.grace_s <= now]
-        if expired:
-            self.oldest_version = max(self.oldest_version, max(int(e.removed) for e in expired))
-            keep = [e for e in self._entries if e.removed_at + self.grace_s > now]
-            self._entries = keep
-        live = self._held_chunks()
-        if self._arena is not None and self._used > 1024 and live * 2 < self._used:
-            arena = self._arena.new_empty(self._arena.shape[0], max(live, 1024), *self._arena.shape[2:])
-            pos = 0
-            for e in self._entries:
-                arena[:, pos : pos + e.count] = self._arena[:, e.start : e.start + e.count]
-                e.start, pos = pos, pos + e.count
-            self._arena, self._used = arena, pos
+    def _expire(self, now: float) -> None:
+        for arena in self._arenas.values():
+            arena.collect(removed_before_s=now - self.grace_s)
 
     def expire(self) -> None:
-        """Run the grace-period pruning now (also runs on every apply)."""
+        """Retire entries whose grace period ended now (also runs on every change)."""
         with self._lock:
-            self._prune(time.monotonic())
+            self._expire(time.monotonic())
 
     # ------------------------------------------------------------------ queries
-    def _table(self, version: int, tenant: str):
-        """(entries in arena order, doc_ids [N], visible [N]) for one (version, tenant)."""
-        key = (version, tenant)
-        if key not in self._tables:
-            entries = sorted(self._entries, key=lambda e: e.start)
-            ids = torch.tensor([e.doc_id for e in entries], dtype=torch.int64)
-            visible = torch.tensor([e.tenant == tenant and e.added <= version < e.removed for e in entries], dtype=torch.bool)
-            self._tables[key] = (entries, ids, visible)
-        return self._tables[key]
+    def score(self, layer: int, query: RoutingQuery, top_k: int, tenants: Sequence[str],
+              pins: Sequence[tuple[int, int]]) -> list[list[ScoredDoc]]:
+        """Local top-k per query row: [B] lists of ScoredDoc, best first (score desc, doc id asc).
 
-    def check_version(self, version: int) -> None:
-        if version > self.version:
-            raise StaleShardError(f"router shard {self.shard_id} is at version {self.version}, behind request version {version}")
-        if version < self.oldest_version:
-            raise SnapshotGoneError(f"version {version} is older than router shard {self.shard_id} keeps ({self.oldest_version})")
-
-    def score(self, layer: int, query: RoutingQuery, top_k: int, tenants: list[str], versions: list[int] | int) -> list[list[ScoredDoc]]:
-        """Local top-k per query row: [B] lists of ScoredDoc, best first (score desc, doc id asc)."""
-        if layer not in self.routing_layers:
-            raise ValueError(f"layer {layer} is not a routing layer; routing layers: {self.routing_layers}")
+        pins[b] = (version, epoch) of row b's request; a shard not there yet raises StaleShardError.
+        """
         B = query.batch_size
-        versions = [versions] * B if isinstance(versions, int) else list(versions)
-        if len(tenants) != B or len(versions) != B:
-            raise ValueError(f"{B} query rows need {B} tenants and versions, got {len(tenants)} and {len(versions)}")
+        if len(tenants) != B or len(pins) != B:
+            raise ValueError(f"{B} query rows need {B} tenants and pins, got {len(tenants)} and {len(pins)}")
+        out: list[list[ScoredDoc]] = [[] for _ in range(B)]
         with self._lock:
-            for v in set(versions):
-                self.check_version(v)
-            if not self._entries:
-                return [[] for _ in range(B)]
-            r = self.routing_layers.index(layer)
-            keys = self._arena[r, : self._used]
-            out: list[list[ScoredDoc]] = [[] for _ in range(B)]
-            groups: dict[tuple[str, int], list[int]] = {}
-            for b in range(B):
-                groups.setdefault((tenants[b], versions[b]), []).append(b)
-            tables = {g: self._table(g[1], g[0]) for g in groups}
-            entries, ids, _ = next(iter(tables.values()))
-            if not _contiguous(entries, self._used):  # expired entries leave holes until compaction
-                keys = torch.cat([keys[e.start : e.start + e.count] for e in entries])
-            offsets = torch.tensor([0] + [e.count for e in entries], dtype=torch.int64).cumsum(0)
-        scores = doc_scores(_to(query, keys.device), keys, offsets).cpu()
-        for (tenant, version), rows in groups.items():
-            visible = tables[(tenant, version)][2]
-            sub = scores[rows].masked_fill(~visible, -math.inf)
-            for b, picked in zip(rows, select_top_k(sub, ids, top_k)):
-                out[b] = picked
+            for version, epoch in set(pins):
+                self._check(Pin(version, epoch))
+            for tenant in sorted(set(tenants)):
+                arena = self._arenas.get(tenant)
+                rows = [b for b in range(B) if tenants[b] == tenant]
+                if arena is None:
+                    for p in {pins[b] for b in rows}:
+                        self._check_floor(Pin(*p))
+                    continue
+                sub = RoutingQuery(query.vectors[rows], query.mask[rows], query.spec, query.folded)
+                for b, picked in zip(rows, arena.score(layer, sub, top_k, [Pin(*pins[b]) for b in rows])):
+                    out[b] = picked
         return out
 
+    def _check(self, pin: Pin) -> None:
+        if pin.version > self.version or pin.epoch > self.epoch:
+            raise StaleShardError(f"router shard {self.shard_id} serves version {self.version} epoch {self.epoch}, "
+                                  f"behind the request's version {pin.version} epoch {pin.epoch}")
+        self._check_floor(pin)
+
+    def _check_floor(self, pin: Pin) -> None:
+        if pin.version < self._floor.version or pin.epoch < self._floor.epoch:
+            raise SnapshotGoneError(f"router shard {self.shard_id} reloaded at version {self._floor.version} epoch "
+                                    f"{self._floor.epoch}; version {pin.version} epoch {pin.epoch} is gone: take a new snapshot")
+
     # ------------------------------------------------------------------ introspection
+    def state(self) -> ShardState:
+        with self._lock:
+            return ShardState(self.shard_id, self.version, self.epoch, len(self._tenant_of))
+
+    def ready(self) -> int:
+        return self.version
+
     def doc_ids(self) -> list[int]:
         with self._lock:
-            return sorted(self._live)
+            return sorted(self._tenant_of)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
-            row = self._arena[:, :1].numel() * self._arena.element_size() if self._arena is not None else 0
             return {
                 "shard_id": self.shard_id,
                 "version": self.version,
-                "documents": len(self._live),
-                "chunks": sum(e.count for e in self._live.values()),
-                "arena_chunks": self._used,
-                "bytes": self._used * row,
+                "epoch": self.epoch,
+                "documents": len(self._tenant_of),
+                "tenants": len(self._arenas),
+                "chunks": sum(a.live_chunks() for a in self._arenas.values()),
+                "held_chunks": self._held_chunks(),
+                "bytes": self._held_chunks() * self._chunk_bytes,
                 "capacity_bytes": self.capacity_bytes,
                 "device": str(self.device),
             }
-
-
-def _contiguous(entries: list[RouterEntry], used: int) -> bool:
-    pos = 0
-    for e in entries:
-        if e.start != pos:
-            return False
-        pos += e.count
-    return pos == used
-
-
-def _to(query: RoutingQuery, device: torch.device) -> RoutingQuery:
-    if query.vectors.device == device:
-        return query
-    return RoutingQuery(query.vectors.to(device), query.mask.to(device), query.spec, query.folded)

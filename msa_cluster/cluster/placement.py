@@ -20,9 +20,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from msa_cluster.actors.calls import call
+from msa_cluster.actors.coordinator import ClusterStatus
 from msa_cluster.actors.memory import ClusterMemory
 from msa_cluster.actors.remote import CoordinatorActor, KVShardActor, RouterShardActor, shard_names
-from msa_cluster.types import ModelFingerprint
+from msa_cluster.storage_adapters import CommitResult
+from msa_cluster.types import EncodedDocument, ModelFingerprint
 
 __all__ = ["ClusterSpec", "MemoryCluster"]
 
@@ -43,13 +45,17 @@ class ClusterSpec:
     grace_s: float = 300.0
     timeout_s: float = 30.0  # every call on the query path
     start_timeout_s: float = 300.0  # actors starting (imports, loading keys from the store)
+    write_timeout_s: float = 300.0  # a write: the store commit and every shard loading it
+    poll_s: float = 2.0  # the coordinator serves other writers' commits (an ingestion job) within this bound
     shard_resources: Sequence[dict[str, float]] = field(default_factory=tuple)  # per pair, cycled
 
     def __post_init__(self) -> None:
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
-        if self.cpus_per_actor <= 0 or self.timeout_s <= 0:
-            raise ValueError("cpus_per_actor and timeout_s must be > 0")
+        if self.cpus_per_actor <= 0 or self.timeout_s <= 0 or self.write_timeout_s <= 0:
+            raise ValueError("cpus_per_actor, timeout_s and write_timeout_s must be > 0")
+        if self.poll_s < 0 or self.grace_s < 0:
+            raise ValueError(f"poll_s ({self.poll_s}) and grace_s ({self.grace_s}) must be >= 0")
 
 
 class MemoryCluster:
@@ -79,13 +85,13 @@ class MemoryCluster:
         self = cls(spec, store_url, fingerprint, storage_options)
         use_gpus = self._use_gpus()
         n = spec.num_shards or self._default_shards(use_gpus)
-        self.coordinator = CoordinatorActor.options(
+        self.coordinator = CoordinatorActor.options(  # type: ignore[attr-defined]
             name=self.coordinator_name, namespace=spec.namespace, lifetime="detached", max_restarts=-1, max_concurrency=32,
             num_cpus=spec.cpus_per_actor,
-        ).remote(spec.name, store_url, fingerprint, storage_options, spec.timeout_s, spec.namespace)
-        call(self.coordinator, "plan", n, timeout_s=spec.start_timeout_s)
+        ).remote(cluster=spec.name, store_url=store_url, fingerprint=fingerprint, storage_options=storage_options,
+                 timeout_s=spec.timeout_s, namespace=spec.namespace, poll_s=spec.poll_s)
         self._add_pairs(range(n), use_gpus)
-        call(self.coordinator, "attach", self.routers, self.kvs, False, timeout_s=spec.start_timeout_s)
+        call(self.coordinator, "attach", self.routers, self.kvs, timeout_s=spec.start_timeout_s)
         return self
 
     def _use_gpus(self) -> bool:
@@ -111,16 +117,16 @@ class MemoryCluster:
             common = dict(max_restarts=-1, max_concurrency=8, num_cpus=spec.cpus_per_actor, lifetime="detached",
                           namespace=spec.namespace)
             rname, kname = shard_names(spec.name, s)
-            router = RouterShardActor.options(
+            where = dict(coordinator=self.coordinator_name, store_url=self.store_url, fingerprint=self.fingerprint,
+                         storage_options=self.storage_options, timeout_s=spec.start_timeout_s, namespace=spec.namespace)
+            router = RouterShardActor.options(  # type: ignore[attr-defined]
                 name=rname, num_gpus=1 if use_gpus else 0, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), **common,
-            ).remote(s, self.coordinator_name, self.store_url, self.fingerprint, self.storage_options,
-                     spec.router_capacity_bytes, spec.grace_s, spec.start_timeout_s, spec.namespace)
-            kv = KVShardActor.options(
+            ).remote(shard_id=s, capacity_bytes=spec.router_capacity_bytes, grace_s=spec.grace_s, **where)
+            kv = KVShardActor.options(  # type: ignore[attr-defined]
                 name=kname, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1), **common,
-            ).remote(s, self.coordinator_name, self.store_url, self.fingerprint, self.storage_options,
-                     spec.kv_budget_bytes, spec.start_timeout_s, spec.namespace)
+            ).remote(shard_id=s, budget_bytes=spec.kv_budget_bytes, **where)
             self.groups.append(pg)
             new_routers.append(router)
             new_kvs.append(kv)
@@ -132,16 +138,49 @@ class MemoryCluster:
         """A MemoryBackend for a model in this process (a driver, a Serve replica, a test)."""
         return ClusterMemory(self.coordinator, timeout_s=self.spec.timeout_s, batch_window_s=batch_window_s, retries=retries)
 
+    # ------------------------------------------------------------------ writes (through the coordinator)
+    def allocate_ids(self, tenant: str, *, count: int | None = None, client_ids: Sequence[str] | None = None) -> list[int]:
+        """Ids for new documents of `tenant`, to encode them with (see MemoryStore.allocate_ids)."""
+        ids: list[int] = call(self.coordinator, "allocate_ids", tenant, count=count, client_ids=client_ids,
+                              timeout_s=self.spec.write_timeout_s)
+        return ids
+
+    def insert(self, docs: Sequence[EncodedDocument], *, replace: bool = False) -> CommitResult:
+        """Commit and serve documents; MemoryFullError (nothing written) when the router tier has no room."""
+        result: CommitResult = call(self.coordinator, "insert", list(docs), replace=replace, timeout_s=self.spec.write_timeout_s)
+        return result
+
+    def update(self, docs: Sequence[EncodedDocument]) -> CommitResult:
+        """Replace live documents of their tenants (UnknownDocumentError for any other id)."""
+        result: CommitResult = call(self.coordinator, "update", list(docs), timeout_s=self.spec.write_timeout_s)
+        return result
+
+    def delete(self, doc_ids: Sequence[int], *, tenant: str, missing_ok: bool = False) -> CommitResult:
+        """Delete documents of `tenant`; the next request no longer sees them."""
+        result: CommitResult = call(self.coordinator, "delete", list(doc_ids), tenant=tenant, missing_ok=missing_ok,
+                                    timeout_s=self.spec.write_timeout_s)
+        return result
+
+    def sync(self) -> int:
+        """Serve the store's latest version now (other writers' commits); returns the version served."""
+        version: int = call(self.coordinator, "sync", timeout_s=self.spec.write_timeout_s)
+        return version
+
+    def status(self) -> ClusterStatus:
+        """Served and latest store versions, a refused version if any, and each shard's state."""
+        status: ClusterStatus = call(self.coordinator, "status", timeout_s=self.spec.timeout_s)
+        return status
+
     def scale(self, num_shards: int) -> int:
         """Grow or shrink to `num_shards` pairs (nodes joined or leaving); documents are rebalanced."""
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         current = len(self.routers)
         if num_shards > current:
-            call(self.coordinator, "plan", current, timeout_s=self.spec.start_timeout_s)
             self._add_pairs(range(current, num_shards), self._use_gpus())
-            return call(self.coordinator, "attach", self.routers, self.kvs, True, timeout_s=self.spec.start_timeout_s)
-        version = call(self.coordinator, "attach", self.routers[:num_shards], self.kvs[:num_shards], True,
+            version: int = call(self.coordinator, "attach", self.routers, self.kvs, timeout_s=self.spec.start_timeout_s)
+            return version
+        version = call(self.coordinator, "attach", self.routers[:num_shards], self.kvs[:num_shards],
                        timeout_s=self.spec.start_timeout_s)
         for actor in self.routers[num_shards:] + self.kvs[num_shards:]:
             ray.kill(actor, no_restart=True)

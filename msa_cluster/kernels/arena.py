@@ -135,7 +135,7 @@ class RouterArena:
         c = self._cols
         gone = np.zeros(n, dtype=bool)
         if removed_before_s is not None:
-            gone |= self._removed_at[:n] <= removed_before_s
+            gone |= (self._removed_at[:n] <= removed_before_s) & (self._removed_at[:n] < math.inf)
         if below is not None:
             gone |= (c["removed"][:n] <= below.version) | (c["e_removed"][:n] <= below.epoch)
         fresh = gone & ~self._retired[:n]

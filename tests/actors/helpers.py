@@ -22,18 +22,34 @@ def corpus(model, n=24, seed=5):
     )
 
 
+def allocate_like(store, docs):
+    """Allocate each document's id to its tenant, in id order (the ids the documents were encoded with)."""
+    for d in sorted(docs, key=lambda d: d.doc_id):
+        got = store.allocate_ids(d.tenant, count=1)
+        assert got == [d.doc_id], (got, d.doc_id)
+
+
 def store_with(model, docs, url=None):
     store = MemoryStore.open(url or f"memory://actors-{next(_ids)}", model.fingerprint(), create=True)
     if docs:
+        allocate_like(store, docs)
         store.insert(docs)
     return store
 
 
-def plain_cluster(store, model, shards):
+def router(store, model, shard_id, **kw):
+    return RouterShard(shard_id=shard_id, routing_layers=model.config.routing_layers, store=store, **kw)
+
+
+def kv(store, shard_id):
+    return KVShard(shard_id=shard_id, store=store, budget_bytes=1 << 20)
+
+
+def plain_cluster(store, model, shards, **router_kw):
     """Coordinator + shard pairs as plain objects in this process."""
-    routers = [RouterShard(i, model.config.routing_layers, store=store) for i in range(shards)]
-    kvs = [KVShard(i, store, budget_bytes=1 << 20) for i in range(shards)]
-    coord = Coordinator(store, routers, kvs)
+    routers = [router(store, model, i, **router_kw) for i in range(shards)]
+    kvs = [kv(store, i) for i in range(shards)]
+    coord = Coordinator(store=store, routers=routers, kvs=kvs)
     coord.attach(routers, kvs)
     return coord, routers, kvs
 
