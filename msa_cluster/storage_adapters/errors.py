@@ -47,7 +47,8 @@ class CommitConflictError(StoreError):
 
 
 class DocumentExistsError(StoreError, ValueError):
-    """An insert names a document id that is live with different content, and replace was not asked."""
+    """An insert names a document id that is live with different content, or a client id that is live
+    under another id of the tenant, and replace was not asked."""
 
 
 SnapshotExpiredError = SnapshotGoneError  # deprecated name: a pinned version that gc collected is SnapshotGoneError
