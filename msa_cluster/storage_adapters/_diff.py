@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 from msa_cluster.storage_adapters._format import DocRow
 from msa_cluster.storage_adapters.manifest import Manifest
+from msa_cluster.storage_adapters.snapshot import StoreSnapshot
 
 if TYPE_CHECKING:
-    from msa_cluster.storage_adapters.snapshot import StoreSnapshot
     from msa_cluster.storage_adapters.store import MemoryStore
 
 __all__ = ["StoreDiff", "diff_versions"]
@@ -60,11 +60,18 @@ def _moved_rows(snap: StoreSnapshot | None, other: Manifest | None) -> dict[int,
     return out
 
 
+def _pinned(store: MemoryStore, version: int) -> StoreSnapshot:
+    """A snapshot of `version` that does not push the store's recent snapshots out of its cache."""
+    with store._lock:
+        cached = store._snapshots.get(version)
+    return cached if cached is not None else StoreSnapshot(store._manifest(version), store._fs, store._cache)
+
+
 def diff_versions(store: MemoryStore, old_version: int, new_version: int) -> StoreDiff:
     if old_version < -1 or new_version < -1:
         raise ValueError(f"versions must be >= -1 (-1: the empty store), got {old_version} and {new_version}")
-    old = store.snapshot(old_version) if old_version >= 0 else None
-    new = store.snapshot(new_version) if new_version >= 0 else None
+    old = _pinned(store, old_version) if old_version >= 0 else None
+    new = _pinned(store, new_version) if new_version >= 0 else None
     old_m = old.manifest if old is not None else None
     new_m = new.manifest if new is not None else None
     gone = _moved_rows(old, new_m)
