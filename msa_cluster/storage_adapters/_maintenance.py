@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from msa_cluster.storage_adapters._format import DocRow, RouterFile, decode_content_range, decode_docs, decode_text_range
+from msa_cluster.storage_adapters._writes import CommitResult, _Restart
 from msa_cluster.storage_adapters.errors import CommitConflictError, CorruptStoreError
 from msa_cluster.storage_adapters.manifest import MANIFEST_DIR, Manifest, SegmentRef, manifest_path
 from msa_cluster.storage_adapters.snapshot import ALL_TENANTS
 from msa_cluster.types import EncodedDocument, SnapshotGoneError
 
 if TYPE_CHECKING:
-    from msa_cluster.storage_adapters.store import CommitResult, MemoryStore
+    from msa_cluster.storage_adapters.store import MemoryStore
 
 __all__ = ["GCReport", "VerifyReport", "compact", "collect_garbage", "verify"]
 
@@ -99,8 +100,6 @@ def _rewrite(store: MemoryStore, cands: list[SegmentRef], m: Manifest):
 
 
 def compact(store: MemoryStore, small_segment_bytes: int | None) -> CommitResult:
-    from msa_cluster.storage_adapters.store import CommitResult, _Restart
-
     small = store.config.max_segment_bytes // 4 if small_segment_bytes is None else small_segment_bytes
     for _ in range(3):
         snap = store.snapshot()
@@ -123,7 +122,6 @@ def compact(store: MemoryStore, small_segment_bytes: int | None) -> CommitResult
 
 def _compaction_plan(store: MemoryStore, cand_ids: set[str], written: list[tuple[SegmentRef, list[DocRow]]]) -> Any:
     """The commit's build: swap the rewritten segments `cand_ids` for `written` on any base."""
-    from msa_cluster.storage_adapters.store import CommitResult, _Restart
 
     def build(base: Manifest):
         if not cand_ids <= {s.id for s in base.segments}:

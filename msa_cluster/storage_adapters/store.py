@@ -4,6 +4,10 @@ Writes never modify a file: an insert uploads new segment files, then publishes 
 version N+1 with an atomic create-if-absent. Two writers racing for N+1 cannot both win; the
 loser re-reads the new latest version, re-applies its change on top of it (a rebase: re-checks
 duplicates, maps deletes) and tries N+2. Nothing is lost and nothing is applied twice.
+
+Document ids are allocated by the store, each to one tenant (recorded in the manifest), and
+every write names its tenant. The write path itself (allocate, insert, update, delete) is in
+`_writes.py`, compaction, gc and verification in `_maintenance.py`, the diff in `_diff.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,19 +26,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from msa_cluster.retry import Backoff
+from msa_cluster.storage_adapters import _writes
 from msa_cluster.storage_adapters._format import (
     DocRow,
     TensorLayout,
     crc32,
-    doc_checksums,
     encode_segment,
-    metadata_json,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
+from msa_cluster.storage_adapters._writes import CommitResult
 from msa_cluster.storage_adapters.errors import (
     CommitConflictError,
     CorruptStoreError,
-    DocumentExistsError,
     FingerprintMismatchError,
     StoreNotFoundError,
 )
@@ -49,14 +52,11 @@ from msa_cluster.storage_adapters.manifest import (
     parse_manifest_name,
 )
 from msa_cluster.storage_adapters.snapshot import (
-    ALL_TENANTS,
     SegmentCache,
     StoreSnapshot,
     TenantScope,
-    check_scope,
-    unknown_documents,
 )
-from msa_cluster.types import EncodedDocument, ModelFingerprint, SnapshotGoneError, check_tenant
+from msa_cluster.types import EncodedDocument, ModelFingerprint, SnapshotGoneError
 
 if TYPE_CHECKING:
     from msa_cluster.storage_adapters._diff import StoreDiff
@@ -86,52 +86,8 @@ class StoreConfig:
             raise ValueError(f"invalid StoreConfig {self}: sizes and retries must be positive, grace >= 0")
 
 
-@dataclass(frozen=True)
-class CommitResult:
-    """What a write did. version: the version that holds the change (the current one for a no-op)."""
-
-    version: int
-    inserted: tuple[int, ...] = ()
-    replaced: tuple[int, ...] = ()
-    skipped: tuple[int, ...] = ()  # re-inserts of identical content: idempotent no-ops
-    deleted: tuple[int, ...] = ()  # deleted, or left behind by a client id that moved to another id
-    rewritten_segments: tuple[str, ...] = ()
-    allocated: tuple[int, ...] = ()  # ids handed out by allocate_ids, in the order asked
-
-
-class _Restart(Exception):
-    """What a write was planned on changed under it in a way a rebase cannot absorb: start over."""
-
-
 def _new_id() -> str:
     return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:16]}"
-
-
-def _doc_digest(doc: EncodedDocument, crcs: tuple[int, int]) -> tuple:
-    """`DocRow.digest` of the row `doc` will be stored as."""
-    text = doc.text.encode("utf-8") if doc.text is not None else None
-    return (
-        doc.tenant, doc.source, metadata_json(doc.metadata), int(doc.num_tokens), doc.num_chunks, crcs[0], crcs[1],
-        len(text) if text is not None else -1, crc32(text) if text is not None else 0, doc.client_id,
-    )  # fmt: skip
-
-
-def _refuse_repeats(what: str, values: Iterable[Any]) -> None:
-    """ValueError naming the values that appear more than once."""
-    repeated = sorted(v for v, n in Counter(values).items() if n > 1)
-    if repeated:
-        raise ValueError(f"{what} {repeated} appear more than once in one call")
-
-
-def _check_client_ids(client_ids: Sequence[str]) -> list[str]:
-    if isinstance(client_ids, str):
-        raise TypeError(f"client_ids must be a sequence of strings, not one string {client_ids!r}")
-    out = list(client_ids)
-    bad = [c for c in out if not isinstance(c, str) or not 0 < len(c) <= 256]
-    if bad:
-        raise ValueError(f"client ids must be non-empty strings of at most 256 characters, got {bad[:3]!r}")
-    _refuse_repeats("client ids", out)
-    return out
 
 
 class MemoryStore:
@@ -432,32 +388,13 @@ class MemoryStore:
         count: that many fresh ids, ascending (0 gives [] and commits nothing).
         client_ids: one id per client id, in order. A client id live for `tenant` in the latest
           version gets its document's id, so re-running an ingestion is idempotent and ids are
-          stable; the others get fresh ids. Repeated client ids are a ValueError.
+          stable; the others get fresh ids (a client id allocated but not inserted yet is not an
+          alias yet: asking again gives another id). Repeated client ids are a ValueError.
 
         Ids are global ints, never reused, each allocated to one tenant: `insert` accepts a
         document only under an id allocated to its tenant.
         """
-        check_tenant(tenant)
-        if (count is None) == (client_ids is None):
-            raise ValueError("allocate_ids takes exactly one of count= and client_ids=")
-        wanted = _check_client_ids(client_ids) if client_ids is not None else []
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
-        if count == 0 or (client_ids is not None and not wanted):
-            return []
-
-        def build(base_m: Manifest) -> tuple[dict, CommitResult]:
-            assert base_m.ids is not None
-            known = self.snapshot(base_m.version).resolve(wanted, tenant) if wanted else {}
-            need = count if count is not None else sum(c not in known for c in wanted)
-            if need == 0:
-                return {}, CommitResult(0, allocated=tuple(known[c] for c in wanted))
-            ids, fresh = base_m.ids.allocate(tenant, need)
-            fresh_ids = iter(fresh)
-            allocated = [known[c] if c in known else next(fresh_ids) for c in wanted] if wanted else list(fresh)
-            return {"ids": ids}, CommitResult(0, allocated=tuple(allocated))
-
-        return list(self._commit("allocate", build).allocated)
+        return _writes.allocate_ids(self, tenant, count=count, client_ids=client_ids)
 
     # ------------------------------------------------------------------ insert / update / delete
     def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
@@ -468,128 +405,14 @@ class MemoryStore:
         content is skipped (idempotent re-runs). A live id with different content, or a client id
         live under another id of the tenant, raises DocumentExistsError unless `replace`: then the
         document is replaced, and a client id moves to the new id (its old document is deleted in
-        the same commit).
+        the same commit, and listed in `deleted`).
         """
-        docs = list(docs)
-        for d in docs:
-            self.layout.check(d)
-        _refuse_repeats("document ids", (d.doc_id for d in docs))
-        _refuse_repeats("client ids", (f"{d.tenant}/{d.client_id}" for d in docs if d.client_id is not None))
-        for _ in range(3):
-            try:
-                return self._insert_once(docs, replace)
-            except _Restart:
-                log.info("store %s: documents skipped as present changed meanwhile; inserting again", self.url)
-        raise CommitConflictError(f"store {self.url}: insert kept racing deletes of the same documents; gave up")
-
-    def _refuse_foreign(self, snap: StoreSnapshot, docs: list[EncodedDocument], live: bool) -> None:
-        """UnknownDocumentError for documents whose id is not their tenant's (allocated to it; and
-        live in it when `live`), listing those of the first such tenant."""
-        ids = snap.ids
-        bad = [d for d in docs if not (snap.holds(d.doc_id, d.tenant) if live else ids.owns(d.tenant, d.doc_id))]
-        if bad:
-            tenant = bad[0].tenant
-            raise unknown_documents([d.doc_id for d in bad if d.tenant == tenant], tenant)
-
-    def _alias_moves(self, snap: StoreSnapshot, docs: Iterable[Any], replace: bool) -> dict[int, str]:
-        """{old id: client id} of the client ids that `docs` (documents or rows) move away from another
-        live id of their tenant; DocumentExistsError naming the client id unless `replace`."""
-        docs = list(docs)
-        own = {d.doc_id for d in docs}
-        moves = {}
-        for d in docs:
-            if d.client_id is None:
-                continue
-            old = snap.resolve([d.client_id], d.tenant).get(d.client_id)
-            if old is None or old == d.doc_id or old in own:  # an id of this insert is replaced anyway
-                continue
-            if not replace:
-                raise DocumentExistsError(
-                    f"client id {d.client_id!r} of tenant {d.tenant!r} is document {old} in store {self.url} "
-                    f"(version {snap.version}), not {d.doc_id}; use replace=True to move it"
-                )
-            moves[old] = d.client_id
-        return moves
-
-    def _insert_once(self, docs: list[EncodedDocument], replace: bool) -> CommitResult:
-        base = self.snapshot()
-        self._refuse_foreign(base, docs, live=False)
-        # checksums up front only for ids already live (to compare); new ones get theirs while encoding
-        crcs = [doc_checksums(d) if d.doc_id in base else None for d in docs]
-        digests = {d.doc_id: _doc_digest(d, c) for d, c in zip(docs, crcs) if c is not None}
-        fresh = [
-            i
-            for i, d in enumerate(docs)
-            if d.doc_id not in digests or not self._same(base, d.doc_id, digests[d.doc_id], replace)
-        ]
-        if not fresh:
-            return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
-        self._alias_moves(base, (docs[i] for i in fresh), replace)  # refuse before writing anything
-        written = self._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
-        fresh_set = set(fresh)
-        skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in fresh_set)
-
-        def build(base_m: Manifest):
-            snap = self.snapshot(base_m.version)
-            if not all(self._same(snap, i, digests[i], replace) for i in skipped_early):
-                raise _Restart  # a document not written because it was present is gone or changed now
-            tombs = {k: set(v) for k, v in base_m.tombstones.items()}
-            ins, rep, skip, keep = [], [], list(skipped_early), []
-            for seg, rows in written:
-                dead = set()
-                for row in rows:
-                    if row.doc_id not in snap:
-                        ins.append(row.doc_id)
-                        continue
-                    old = snap.info(row.doc_id, ALL_TENANTS).segment_id
-                    if self._same(snap, row.doc_id, row.digest(), replace):
-                        skip.append(row.doc_id)
-                        dead.add(row.doc_id)
-                    else:
-                        rep.append(row.doc_id)
-                        tombs.setdefault(old, set()).add(row.doc_id)
-                if len(dead) < len(rows):
-                    keep.append(seg)
-                    if dead:
-                        tombs[seg.id] = dead
-            if not keep:
-                return None
-            moved = self._alias_moves(snap, (r for _, rows in written for r in rows), replace)
-            for old_id in moved:
-                tombs.setdefault(snap.info(old_id, ALL_TENANTS).segment_id, set()).add(old_id)
-            result = CommitResult(0, tuple(ins), tuple(rep), tuple(skip), deleted=tuple(sorted(moved)))
-            return {"segments": base_m.segments + tuple(keep), "tombstones": tombs}, result
-
-        try:
-            result = self._commit("insert", build, base.manifest)
-        except BaseException:
-            self._discard(seg for seg, _ in written)
-            raise
-        if not result.inserted and not result.replaced:
-            self._discard(seg for seg, _ in written)
-            return CommitResult(version=result.version, skipped=tuple(d.doc_id for d in docs))
-        return result
-
-    def _same(self, snap: StoreSnapshot, doc_id: int, digest: tuple, replace: bool) -> bool:
-        """True if doc_id is live in snap with this digest; raise if live and different (unless replace)."""
-        if doc_id not in snap:
-            return False
-        row = snap._row(doc_id, ALL_TENANTS)[2]
-        if row.digest() == digest:
-            return True
-        if not replace:
-            raise DocumentExistsError(
-                f"document {doc_id} is already in store {self.url} (version {snap.version}) with different "
-                f"content; use replace=True or update() to overwrite it"
-            )
-        return False
+        return _writes.insert(self, docs, replace=replace)
 
     def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
         """Replace live documents by id in one commit; every id must be live in its document's
         tenant, else UnknownDocumentError and nothing is written."""
-        docs = list(docs)
-        self._refuse_foreign(self.snapshot(), docs, live=True)
-        return self.insert(docs, replace=True)
+        return _writes.update(self, docs)
 
     def delete(self, doc_ids: Iterable[int], *, tenant: TenantScope, missing_ok: bool = False) -> CommitResult:
         """Tombstone `tenant`'s documents by id in one commit (ALL_TENANTS: an operator's delete).
@@ -598,24 +421,7 @@ class MemoryStore:
         UnknownDocumentError listing them unless `missing_ok`. The rows stay in their segment
         files until `compact` rewrites them and `gc` removes the old files.
         """
-        tenant = check_scope(tenant)
-        ids = list(dict.fromkeys(int(i) for i in doc_ids))
-        snap = self.snapshot()
-        unknown = [i for i in ids if not snap.holds(i, tenant)]
-        if unknown and not missing_ok:
-            raise unknown_documents(unknown, tenant)
-
-        def build(base_m: Manifest):
-            now = self.snapshot(base_m.version)
-            live = sorted(i for i in ids if now.holds(i, tenant))  # deleted by another writer meanwhile: done
-            if not live:
-                return None
-            tombs = {k: set(v) for k, v in base_m.tombstones.items()}
-            for i in live:
-                tombs.setdefault(now.info(i, ALL_TENANTS).segment_id, set()).add(i)
-            return {"tombstones": tombs}, CommitResult(0, deleted=tuple(live))
-
-        return self._commit("delete", build, snap.manifest)
+        return _writes.delete(self, doc_ids, tenant=tenant, missing_ok=missing_ok)
 
     def put_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> CommitResult:
         """Store a named set of tensors (e.g. "template": the template-head K/V) as safetensors."""
