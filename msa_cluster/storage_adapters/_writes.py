@@ -108,8 +108,9 @@ def allocate_ids(
 
 
 # ------------------------------------------------------------------------------------ insert / update / delete
-def insert(store: MemoryStore, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
-    """See `MemoryStore.insert`."""
+def insert(store: MemoryStore, docs: Iterable[EncodedDocument], *, replace: bool = False, existing: bool = False) -> CommitResult:
+    """See `MemoryStore.insert`; `existing`: every id must be live in its tenant (`update`),
+    checked again on the version the commit lands on, so a concurrent delete is never undone."""
     docs = list(docs)
     for d in docs:
         store.layout.check(d)
@@ -117,7 +118,7 @@ def insert(store: MemoryStore, docs: Iterable[EncodedDocument], *, replace: bool
     refuse_repeats("client ids", (f"{d.tenant}/{d.client_id}" for d in docs if d.client_id is not None))
     for _ in range(3):
         try:
-            return _insert_once(store, docs, replace)
+            return _insert_once(store, docs, replace, existing)
         except _Restart:
             log.info("store %s: documents skipped as present changed meanwhile; inserting again", store.url)
     raise CommitConflictError(f"store {store.url}: insert kept racing deletes of the same documents; gave up")
@@ -154,9 +155,9 @@ def _alias_moves(store: MemoryStore, snap: StoreSnapshot, docs: Iterable[Any], r
     return moves
 
 
-def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool) -> CommitResult:
+def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool, existing: bool) -> CommitResult:
     base = store.snapshot()
-    _refuse_foreign(store, base, docs, live=False)
+    _refuse_foreign(store, base, docs, live=existing)
     # checksums up front only for ids already live (to compare); new ones get theirs while encoding
     crcs = [doc_checksums(d) if d.doc_id in base else None for d in docs]
     digests = {d.doc_id: doc_digest(d, c) for d, c in zip(docs, crcs) if c is not None}
@@ -174,6 +175,9 @@ def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool)
         snap = store.snapshot(base_m.version)
         if not all(_same(store, snap, i, digests[i], replace) for i in skipped_early):
             raise _Restart  # a document not written because it was present is gone or changed now
+        gone = [r for _, rows in written for r in rows if r.doc_id not in snap]
+        if existing and gone:  # deleted meanwhile: the update comes after the delete, so it fails
+            raise unknown_documents([r.doc_id for r in gone if r.tenant == gone[0].tenant], gone[0].tenant)
         tombs = {k: set(v) for k, v in base_m.tombstones.items()}
         ins, rep, skip, keep = [], [], list(skipped_early), []
         for seg, rows in written:
@@ -230,8 +234,7 @@ def _same(store: MemoryStore, snap: StoreSnapshot, doc_id: int, digest: tuple, r
 def update(store: MemoryStore, docs: Iterable[EncodedDocument]) -> CommitResult:
     """See `MemoryStore.update`."""
     docs = list(docs)
-    _refuse_foreign(store, store.snapshot(), docs, live=True)
-    return insert(store, docs, replace=True)
+    return insert(store, docs, replace=True, existing=True)
 
 
 def delete(store: MemoryStore, doc_ids: Iterable[int], *, tenant: TenantScope, missing_ok: bool = False) -> CommitResult:

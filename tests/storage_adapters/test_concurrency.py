@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from msa_cluster.storage_adapters import ALL_TENANTS, DocumentExistsError, MemoryStore
+from msa_cluster.types import UnknownDocumentError
 from tests.storage_adapters.store_helpers import FP32, grant, make_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -223,3 +224,16 @@ def test_compaction_keeps_deletes_and_updates_committed_while_it_ran(location):
     snap = a.snapshot()
     assert snap.doc_ids("default") == [2, 3] and snap.texts([2], "default") == {2: "document 2 seed 5"}
     a.verify()
+
+
+def test_update_racing_a_delete_of_its_document_fails_and_stays_deleted(location):
+    """An update whose document another writer deletes mid-update raises UnknownDocumentError; the delete stands."""
+    a = _open(location, create=True)
+    b = _open(location)
+    grant(a, 2)
+    a.insert([make_doc(0), make_doc(1)])
+    _race(a, lambda: b.delete([0], tenant="default"))
+    with pytest.raises(UnknownDocumentError, match="document 0 is not a document of tenant 'default'"):
+        a.update([make_doc(0, seed=4), make_doc(1, seed=4)])
+    snap = a.snapshot()
+    assert snap.doc_ids("default") == [1] and snap.texts([1], "default") == {1: "document 1 seed 0"}

@@ -42,24 +42,32 @@ _op = st.one_of(
     st.tuples(st.just("reinsert"), st.integers(0, 50)),
     st.tuples(st.just("delete"), st.integers(0, 50), st.integers(1, 2)),
     st.tuples(st.just("compact"), st.booleans()),
+    st.tuples(st.just("move alias"), st.integers(0, 50), st.integers(0, 3)),
 )
 
 
-def _apply(store: MemoryStore, op: tuple, seeds: dict[int, tuple[str, int]]) -> None:
-    """Run one operation; `seeds` tracks each live id's (tenant, seed)."""
+def _apply(store: MemoryStore, op: tuple, seeds: dict[int, tuple[str, int, str]]) -> None:
+    """Run one operation; `seeds` tracks each live id's (tenant, seed, client id)."""
     live = sorted(seeds)
     kind = op[0]
     if kind == "insert":
         _, tenant, n, seed = op
         ids = store.allocate_ids(tenant, count=n)
-        store.insert([make_doc(i, tenant=tenant, seed=seed) for i in ids])
-        seeds.update({i: (tenant, seed) for i in ids})
+        store.insert([make_doc(i, tenant=tenant, seed=seed, client_id=f"c{i}") for i in ids])
+        seeds.update({i: (tenant, seed, f"c{i}") for i in ids})
     elif kind in ("replace", "reinsert") and live:
         doc_id = live[op[1] % len(live)]
-        tenant, seed = seeds[doc_id]
+        tenant, seed, client_id = seeds[doc_id]
         seed = op[2] if kind == "replace" else seed
-        store.insert([make_doc(doc_id, tenant=tenant, seed=seed)], replace=True)
-        seeds[doc_id] = (tenant, seed)
+        store.insert([make_doc(doc_id, tenant=tenant, seed=seed, client_id=client_id)], replace=True)
+        seeds[doc_id] = (tenant, seed, client_id)
+    elif kind == "move alias" and live:  # a new id takes an old document's client id: the old one goes
+        old = live[op[1] % len(live)]
+        tenant, _, client_id = seeds.pop(old)
+        [new] = store.allocate_ids(tenant, count=1)
+        result = store.insert([make_doc(new, tenant=tenant, seed=op[2], client_id=client_id)], replace=True)
+        assert result.deleted == (old,)
+        seeds[new] = (tenant, op[2], client_id)
     elif kind == "delete" and live:
         first = op[1] % len(live)
         tenant = seeds[live[first]][0]
@@ -74,13 +82,16 @@ def _apply(store: MemoryStore, op: tuple, seeds: dict[int, tuple[str, int]]) -> 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_op, min_size=1, max_size=8))
 def test_diff_equals_a_brute_force_diff_over_random_histories(ops):
-    """Over random insert/replace/delete/compact histories, diff(i, j) == brute force for every pair of versions."""
+    """Over random insert/replace/delete/compact/alias-move histories, diff(i, j) == brute force for every pair of versions."""
     url = f"memory://diff-{uuid.uuid4().hex[:12]}"
     try:
         store = MemoryStore.open(url, FP32, create=True, config=StoreConfig(verify_writes=False))
-        seeds: dict[int, tuple[str, int]] = {}
+        seeds: dict[int, tuple[str, int, str]] = {}
         for op in ops:
             _apply(store, op, seeds)
+        last = store.snapshot()
+        assert last.doc_ids(ALL_TENANTS) == sorted(seeds)
+        assert all((last.info(i, t).client_id, last.texts([i], t)[i]) == (c, f"document {i} seed {s}") for i, (t, s, c) in seeds.items())
         versions = [-1, *store.versions()]
         for old in versions:
             for new in versions:
