@@ -69,6 +69,7 @@ def refuse_repeats(what: str, values: Iterable[Any]) -> None:
 
 
 def check_client_ids(client_ids: Sequence[str]) -> list[str]:
+    """`client_ids` as a list, if they are unique non-empty strings of at most 256 characters."""
     if isinstance(client_ids, str):
         raise TypeError(f"client_ids must be a sequence of strings, not one string {client_ids!r}")
     out = list(client_ids)
@@ -115,7 +116,7 @@ def insert(store: MemoryStore, docs: Iterable[EncodedDocument], *, replace: bool
     for d in docs:
         store.layout.check(d)
     refuse_repeats("document ids", (d.doc_id for d in docs))
-    refuse_repeats("client ids", (f"{d.tenant}/{d.client_id}" for d in docs if d.client_id is not None))
+    refuse_repeats("client ids (as tenant/client id)", (f"{d.tenant}/{d.client_id}" for d in docs if d.client_id is not None))
     for _ in range(3):
         try:
             return _insert_once(store, docs, replace, existing)
