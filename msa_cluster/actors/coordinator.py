@@ -33,6 +33,7 @@ from msa_cluster.types import (
     Retrieval,
     RoutingQuery,
     ShardUnavailableError,
+    SnapshotGoneError,
 )
 
 __all__ = ["Coordinator", "Assignment", "ClusterStatus", "balance"]
@@ -211,17 +212,20 @@ class Coordinator:
 
     def _plan(self, version: int, rebalance: bool) -> tuple[dict[int, int], dict[int, int]]:
         """(chunks, placement) of every document live at `version`, moving as few as possible."""
-        if self.version < 0 or not self._chunks:
+        chunks, placement = dict(self._chunks), dict(self._placement)
+        try:
+            if self.version < 0 or not self._chunks:
+                raise SnapshotGoneError("no served version to start from")
+            if version != self.version:
+                diff = self.store.diff(self.version, version)
+                for d in diff.removed:
+                    chunks.pop(d, None)
+                    placement.pop(d, None)
+                chunks.update(diff.chunks)
+        except SnapshotGoneError:  # nothing served yet, or the served version was collected: read it all
             snap = self.store.snapshot(version)
             chunks = {d: snap.info(d, tenant=ALL_TENANTS).num_chunks for d in snap.doc_ids(ALL_TENANTS)}
             return chunks, balance(chunks, len(self._routers), self._placement)
-        chunks, placement = dict(self._chunks), dict(self._placement)
-        if version != self.version:
-            diff = self.store.diff(self.version, version)
-            for d in diff.removed:
-                chunks.pop(d, None)
-                placement.pop(d, None)
-            chunks.update(diff.chunks)
         if rebalance:
             return chunks, balance(chunks, len(self._routers), placement)
         loads = [0] * len(self._routers)
@@ -243,7 +247,7 @@ class Coordinator:
             before = self.store.latest_version()
             result = self.store.insert(docs, replace=replace)
             if result.version != before:
-                self._serve_or_undo(result, docs)
+                self._serve_or_undo(result, {d.doc_id: d.tenant for d in docs})
             return result
 
     def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
@@ -252,33 +256,36 @@ class Coordinator:
         with self._lock:
             self._check_room(docs)
             result = self.store.update(docs)
-            self._serve_or_undo(result, docs)
+            self._serve_or_undo(result, {d.doc_id: d.tenant for d in docs})
             return result
 
     def delete(self, doc_ids: Iterable[int], *, tenant: str, missing_ok: bool = False) -> CommitResult:
         """Delete documents of `tenant`; visible to the next request once served."""
         with self._lock:
+            self._refuse_with_backlog()
             result = self.store.delete(list(doc_ids), tenant=tenant, missing_ok=missing_ok)
-            self._move_or_raise(result.version)
+            self._serve_or_undo(result, {d: tenant for d in result.deleted})
             return result
 
     def _check_room(self, docs: list[EncodedDocument]) -> None:
-        """MemoryFullError naming the shard when the new documents (and any backlog) would not fit."""
+        """MemoryFullError naming the shard when the new documents (and any backlog) would not fit.
+
+        The estimate places documents as `_plan` will: replaced ones stay on their shard, new ones go
+        to the least-loaded shard. A shard still answers for itself when it converges.
+        """
+        self._refuse_with_backlog()
         if not docs:
             return
-        latest = self.store.latest_version()
-        chunks = dict(self._chunks)
-        if latest != self.version and self.version >= 0:
-            chunks.update(self.store.diff(self.version, latest).chunks)
-        new = {d.doc_id: d.num_chunks for d in docs}
-        placement = dict(self._placement)
+        chunks = dict(self._chunks)  # the backlog is empty here: _refuse_with_backlog synced
+        chunks.update({d.doc_id: d.num_chunks for d in docs})
         loads = [0] * len(self._routers)
-        for d, s in placement.items():
-            loads[s] += chunks.get(d, 0)
-        extra = [0] * len(self._routers)
-        pending = {**{d: c for d, c in chunks.items() if d not in placement}, **new}
+        for d, s in self._placement.items():
+            loads[s] += self._chunks.get(d, 0)
         before = list(loads)
-        _place(list(pending), pending, loads, placement)
+        changed = {d.doc_id for d in docs} | (set(chunks) - set(self._chunks))
+        for d in changed & set(self._placement):  # a new version of a placed document stays where it is
+            loads[self._placement[d]] += chunks[d]
+        _place([d for d in changed if d not in self._placement], chunks, loads, dict(self._placement))
         extra = [loads[i] - before[i] for i in range(len(loads))]
         room = gather([submit(r, "headroom_bytes") for r in self._routers], self.timeout_s)
         row = _chunk_bytes(docs[0])
@@ -287,19 +294,28 @@ class Coordinator:
                 raise MemoryFullError(f"router shard {i} has room for {max(free, 0) // row} more chunks, and this write "
                                       f"needs {need}; nothing was written. Add router shards (nodes) or raise the capacity")
 
-    def _serve_or_undo(self, result: CommitResult, docs: list[EncodedDocument]) -> None:
-        """Serve a committed write; if the cluster cannot hold it (a racing writer), undo it and refuse."""
+    def _refuse_with_backlog(self) -> None:
+        """Writes wait behind a store version the cluster could not hold: refuse them until it fits."""
+        if self.store.latest_version() != self.version:
+            self.sync()
+        if self.refused is not None and self.refused[0] > self.version:
+            raise MemoryFullError(f"the cluster serves version {self.version} and cannot hold store version "
+                                  f"{self.refused[0]} ({self.refused[1]}); nothing was written. Add router shards "
+                                  "(nodes) or raise the capacity")
+
+    def _serve_or_undo(self, result: CommitResult, tenants: dict[int, str]) -> None:
+        """Serve a committed write; if the cluster cannot hold it (a writer raced the room check),
+        commit its inverse, so the write is refused whole, and raise MemoryFullError."""
         try:
             self._move_or_raise(result.version)
         except MemoryFullError:
-            old = self.store.snapshot(self.version) if self.version >= 0 else None
-            mine = {d.doc_id: d.tenant for d in docs}
-            for tenant in sorted(set(mine.values())):
-                ids = [d for d, t in mine.items() if t == tenant and d in result.inserted]
-                if ids:
-                    self.store.delete(ids, tenant=tenant, missing_ok=True)
-                back = [d for d, t in mine.items() if t == tenant and d in result.replaced]
-                if back and old is not None:
+            old = self.store.snapshot(self.version)
+            for tenant in sorted(set(tenants.values())):
+                added = [d for d in result.inserted if tenants.get(d) == tenant]
+                if added:
+                    self.store.delete(added, tenant=tenant, missing_ok=True)
+                back = [d for d in (*result.replaced, *result.deleted) if tenants.get(d) == tenant and old.holds(d, tenant)]
+                if back:
                     self.store.insert(old.documents(back, tenant=tenant), replace=True)
             self.sync()
             raise
