@@ -27,6 +27,7 @@ from msa_cluster.actors.calls import KVHandle, RouterHandle, gather, submit
 from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts
 from msa_cluster.actors.router_shard import ShardState
 from msa_cluster.storage_adapters import ALL_TENANTS, CommitResult, MemoryStore
+from msa_cluster.storage_adapters.snapshot import unknown_documents
 from msa_cluster.types import (
     EncodedDocument,
     MemoryFullError,
@@ -140,31 +141,51 @@ class Coordinator:
                 raise
 
     def recover(self, routers: Sequence[RouterHandle], kvs: Sequence[KVHandle]) -> int:
-        """After a coordinator restart: adopt what the live shards hold, then converge to the latest version.
+        """After a coordinator restart: adopt what the live shards hold, then serve the latest version
+        the shards can hold (the store's latest, else the newest one a shard served before).
 
         A shard that does not answer is skipped: when Ray restarts it, it loads its assignment itself.
         """
         with self._lock:
             self._routers, self._kvs = list(routers), list(kvs)
             held: dict[int, int] = {}
+            served: set[int] = set()
             for s, router in enumerate(self._routers):
                 try:
                     state, ids = gather([submit(router, "state"), submit(router, "doc_ids")], self.timeout_s)
                     self._next_epoch = max(self._next_epoch, state.epoch + 1)
+                    served.add(state.version)
                     for d in ids:
                         held.setdefault(d, s)
                 except ShardUnavailableError as e:
                     log.warning("router shard %d did not answer during recovery: %s", s, e)
-            self._placement, self._chunks = held, {}
-            try:
-                return self._move_to(self._latest(), rebalance=True)
-            except (ShardUnavailableError, MemoryFullError) as e:
-                log.warning("recovery is not complete yet (the next sync retries): %s", e)
-                return self.version
+            self._placement, self._chunks, self.version = held, {}, -1
+            latest = self._latest()
+            refusal: MemoryFullError | None = None
+            for version in [latest, *self._fallbacks(served, latest)]:
+                try:
+                    self._move_to(version, rebalance=True)
+                    break
+                except MemoryFullError as e:  # too big for the shards: fall back to what they held before
+                    refusal = refusal or e
+                except ShardUnavailableError as e:
+                    log.warning("recovery is not complete yet (the next sync retries): %s", e)
+                    break
+            if refusal is not None:
+                self.refused = (latest, str(refusal))
+            return self.version
+
+    def _fallbacks(self, served: set[int], latest: int, limit: int = 32) -> list[int]:
+        """Older versions to try when the latest does not fit: from the newest a shard holds, downwards."""
+        top = min(max(served, default=-1), latest - 1)
+        kept = set(self.store.versions())
+        return [v for v in range(top, max(top - limit, -1), -1) if v in kept]
 
     def sync(self) -> int:
         """Serve the store's latest version (changes from any writer), or converge shards that lag; returns the served one."""
         with self._lock:
+            if self.version < 0 and self._routers and any(a[0] >= 0 for a in self._acked.values()):
+                return self.recover(self._routers, self._kvs)  # not serving since a restart: start from the shards
             latest = self._latest()
             if latest == self.version and len(self._acked) == len(self._routers) and all(
                     a == (self.version, self.epoch) for a in self._acked.values()):
@@ -243,6 +264,7 @@ class Coordinator:
         """Commit documents and serve them; refused whole (MemoryFullError, nothing committed) without room."""
         docs = list(docs)
         with self._lock:
+            self.store.check_writes(docs, live=False)
             self._check_room(docs)
             before = self.store.latest_version()
             result = self.store.insert(docs, replace=replace)
@@ -254,6 +276,7 @@ class Coordinator:
         """Replace live documents of their tenants (UnknownDocumentError for any other id)."""
         docs = list(docs)
         with self._lock:
+            self.store.check_writes(docs, live=True)
             self._check_room(docs)
             result = self.store.update(docs)
             self._serve_or_undo(result, {d.doc_id: d.tenant for d in docs})
@@ -261,9 +284,14 @@ class Coordinator:
 
     def delete(self, doc_ids: Iterable[int], *, tenant: str, missing_ok: bool = False) -> CommitResult:
         """Delete documents of `tenant`; visible to the next request once served."""
+        doc_ids = [int(i) for i in doc_ids]
         with self._lock:
+            snap = self.store.snapshot()
+            unknown = [i for i in doc_ids if not snap.holds(i, tenant)]  # a bad tenant: ValueError
+            if unknown and not missing_ok:
+                raise unknown_documents(unknown, tenant)  # before any room check: bad input is never "full"
             self._refuse_with_backlog()
-            result = self.store.delete(list(doc_ids), tenant=tenant, missing_ok=missing_ok)
+            result = self.store.delete(doc_ids, tenant=tenant, missing_ok=missing_ok)
             self._serve_or_undo(result, {d: tenant for d in result.deleted})
             return result
 

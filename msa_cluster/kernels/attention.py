@@ -49,7 +49,7 @@ def _launch_config(rows: int, lowp: bool) -> tuple[int, int, int]:
 if HAS_TRITON:
 
     @triton.jit
-    def _gathered_attention_kernel(
+    def _gathered_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads the signature
         q_ptr,  # [Tq, H, D]
         k_ptr,  # [S, Hkv, D]
         v_ptr,  # [S, Hkv, D]

@@ -40,7 +40,7 @@ def num_chunks(num_tokens: int, chunk_size: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_mean_kernel(
+    def _chunk_mean_kernel(  # type: ignore[no-untyped-def]  # Triton reads the signature
         x_ptr,  # [B, T, F]
         len_ptr,  # [B]
         out_ptr,  # [B, C, F] float32

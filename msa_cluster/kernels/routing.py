@@ -66,7 +66,8 @@ _SCORE_WARPS = 8  # no register spills at these tiles on sm_80 / sm_90 (ptxas re
 def normalize_heads(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """L2-normalise the last (head-dim) axis in float32: cosine routing."""
     x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    out: torch.Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return out
 
 
 def prepare_queries(q: torch.Tensor, mask: torch.Tensor, spec: RoutingSpec, scale: float) -> RoutingQuery:
@@ -140,6 +141,7 @@ def _last_token(query: RoutingQuery) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_doc_offsets(doc_offsets: object, num_chunks: int) -> torch.Tensor:
     """Validate doc_offsets [N + 1]: starts at 0, non-decreasing, ends at num_chunks."""
     check_tensor("doc_offsets", doc_offsets, shape="[N + 1]", ndim=1, dtypes=INDEX_DTYPES, contiguous=False)
+    assert isinstance(doc_offsets, torch.Tensor)  # check_tensor raised otherwise
     off = doc_offsets.cpu()
     if off.numel() == 0 or int(off[0]) != 0 or int(off[-1]) != num_chunks:
         shown = off.tolist()[:8]
@@ -153,7 +155,7 @@ if HAS_TRITON:
 
     # C (and N) are not specialised on: every shard size runs the same compiled code
     @triton.jit(do_not_specialize=["C"])
-    def _chunk_score_kernel(
+    def _chunk_score_kernel(  # type: ignore[no-untyped-def]  # Triton reads the signature
         q_ptr,  # [B, T, HR, W] float32
         mask_ptr,  # [B, T] int8, 1 on routing tokens
         k_ptr,  # [C, HKV, W]
@@ -208,7 +210,7 @@ if HAS_TRITON:
         tl.store(out_ptr + b.to(tl.int64) * C + offs_c, best, mask=c_ok)
 
     @triton.jit(do_not_specialize=["C", "N"])
-    def _doc_reduce_kernel(
+    def _doc_reduce_kernel(  # type: ignore[no-untyped-def]  # Triton reads the signature
         chunk_ptr,  # [B, C] float32
         off_ptr,  # [N + 1] int64
         out_ptr,  # [B, N] float32

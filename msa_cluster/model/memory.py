@@ -84,9 +84,10 @@ class _InProcessSnapshot:
             docs = [[self._doc(sd.doc_id) for sd in row] for row in selected]
         keys, values = [], []
         for row in docs:
-            i = row[0].layer_index(layer) if row else 0
-            keys.append(torch.cat([d.keys[i] for d in row if d is not None]) if row else torch.empty(0))
-            values.append(torch.cat([d.values[i] for d in row if d is not None]) if row else torch.empty(0))
+            held = [d for d in row if d is not None]  # every selected entry is visible at this pin
+            i = held[0].layer_index(layer) if held else 0
+            keys.append(torch.cat([d.keys[i] for d in held]) if held else torch.empty(0))
+            values.append(torch.cat([d.values[i] for d in held]) if held else torch.empty(0))
         return Retrieval(selected=selected, keys=keys, values=values)
 
     def texts(self, doc_ids: Sequence[int]) -> dict[int, str]:

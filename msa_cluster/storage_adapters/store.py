@@ -409,6 +409,18 @@ class MemoryStore:
         """
         return _writes.insert(self, docs, replace=replace)
 
+    def check_writes(self, docs: Iterable[EncodedDocument], *, live: bool) -> None:
+        """Validate documents as insert (live=False) or update (live=True) would, writing nothing.
+
+        ValueError for a shape or dtype the store's model does not produce; UnknownDocumentError
+        for an id that is not the document's tenant's. A cache that must check room before a
+        commit (the cluster's coordinator) calls this first, so bad input is never "full".
+        """
+        docs = list(docs)
+        for d in docs:
+            self.layout.check(d)
+        _writes._refuse_foreign(self, self.snapshot(), docs, live)
+
     def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
         """Replace live documents by id in one commit; every id must be live in its document's
         tenant, else UnknownDocumentError and nothing is written."""

@@ -15,7 +15,7 @@ os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
 import ray  # noqa: E402
 
 from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster  # noqa: E402
-from tests.actors.helpers import corpus, tiny_model  # noqa: E402
+from tests.actors.helpers import allocate_like, corpus, tiny_model  # noqa: E402
 from tests.model.helpers import random_prompt  # noqa: E402
 
 
@@ -25,7 +25,9 @@ def main(url: str, insert_from: int | None) -> None:
         model = tiny_model()
         cluster = MemoryCluster.start(url, model.fingerprint(), ClusterSpec(name="restart", num_shards=2, timeout_s=60))
         if insert_from is not None:
-            ray.get(cluster.coordinator.insert.remote(corpus(model)[insert_from:]), timeout=120)
+            new = corpus(model)[insert_from:]
+            allocate_like(cluster, new)
+            cluster.insert(new)
         ids, mask = random_prompt(model, 12, seed=7)
         out = {t: model.prefill(ids, cluster.memory(), mask, tenant=t).selected for t in ("acme", "globex")}
         docs = sum(ray.get(r.stats.remote())["documents"] for r in cluster.routers)

@@ -1,6 +1,6 @@
 """Faults on a real Ray cluster: a killed shard, a killed coordinator, a crashed worker node.
 
-A stream of queries runs throughout; every query either succeeds or fails with ShardUnavailable
+A stream of queries runs throughout; every query either succeeds or fails with ShardUnavailableError
 within its timeout (none hangs), and after recovery every committed document is routable again.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster
 from msa_cluster.model import InProcessMemory
-from msa_cluster.types import ShardUnavailable
+from msa_cluster.types import ShardUnavailableError
 from tests.actors.helpers import corpus, store_with
 from tests.model.helpers import random_prompt
 
@@ -52,7 +52,7 @@ class Stream:
             try:
                 self.model.prefill(ids, self.memory, mask, tenant="acme")
                 self.outcomes.append(("ok", time.monotonic() - t0))
-            except ShardUnavailable:
+            except ShardUnavailableError:
                 self.outcomes.append(("unavailable", time.monotonic() - t0))
             except Exception as e:  # any other error is a test failure, reported below
                 self.outcomes.append((f"error: {type(e).__name__}: {e}", time.monotonic() - t0))
@@ -112,7 +112,7 @@ def test_worker_node_crash_recovers_on_a_new_node(setup, model, ray_nodes):
     with Stream(model, cluster.memory(retries=1)) as stream:
         time.sleep(1.0)
         ray_nodes.kill("127.0.0.3")
-        time.sleep(3 * TIMEOUT_S)  # queries meanwhile fail with ShardUnavailable, none hangs
+        time.sleep(3 * TIMEOUT_S)  # queries meanwhile fail with ShardUnavailableError, none hangs
         ray_nodes.start_worker("127.0.0.4", {"shard_slot": 4, "node_b": 100})
         cluster.wait_ready(180)
         time.sleep(1.0)

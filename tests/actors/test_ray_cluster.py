@@ -7,7 +7,8 @@ import torch
 from msa_cluster.cluster.placement import ClusterSpec, MemoryCluster
 from msa_cluster.model import InProcessMemory
 from msa_cluster.model.generation import GenerationConfig, generate
-from tests.actors.helpers import store_with
+from msa_cluster.types import UnknownDocumentError
+from tests.actors.helpers import allocate_like, store_with
 from tests.model.helpers import random_prompt
 
 
@@ -54,23 +55,27 @@ def test_four_three_two_one_shards_equal_local(cluster, model, docs):
 def test_scale_up_and_online_changes(cluster, model, docs):
     """Adding pairs rebalances; inserts and deletes through the coordinator are visible to the next request."""
     cluster.scale(2)
-    coord = cluster.coordinator
-    ray.get(coord.insert.remote(docs[20:]), timeout=60)
+    allocate_like(cluster, docs[20:])  # MemoryCluster's own write API, through the coordinator actor
+    assert cluster.insert(docs[20:]).inserted == tuple(d.doc_id for d in docs[20:])
     _same_as_local(model, cluster.memory(), docs)
-    ray.get(coord.delete.remote([0, 1, 5]), timeout=60)
+    cluster.delete([0], tenant="acme")
+    cluster.delete([1, 5], tenant="globex")
     _same_as_local(model, cluster.memory(), [d for d in docs if d.doc_id not in (0, 1, 5)])
-    stats = ray.get(coord.stats.remote())
-    assert stats["documents"] == len(docs) - 3 and stats["shards"] == 2
+    with pytest.raises(UnknownDocumentError, match="not a document of tenant 'acme'"):
+        cluster.delete([1], tenant="acme")  # globex's document: exactly like an id never used
+    status = cluster.status()
+    assert status.documents == len(docs) - 3 and len(status.shards) == 2 and all(status.shards)
+    assert status.version == status.store_version and status.refused_version is None
 
 
 def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     """A GeneratorActor (concurrent requests, batched routing) and an EncoderActor agree with local runs."""
-    from msa_cluster.actors.remote import EncoderActor, GeneratorActor
+    from msa_cluster.actors.model_actors import EncoderActor, GeneratorActor
     from msa_cluster.model.tokenizer import ByteTokenizer
 
     model.save_pretrained(tmp_path)
     ByteTokenizer().save(tmp_path)
-    enc = EncoderActor.options(num_cpus=0.25).remote(str(tmp_path), device="cpu")
+    enc = EncoderActor.options(num_cpus=0.25).remote(checkpoint=str(tmp_path), device="cpu")
     rows = [{"id": 900 + i, "text": f"note number {i}", "tenant": "acme", "metadata": {"k": str(i)}} for i in range(3)]
     remote_docs = ray.get(enc.encode.remote(rows), timeout=300)
     tok = ByteTokenizer()
@@ -82,7 +87,7 @@ def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     ray.kill(enc)
 
     gen = GeneratorActor.options(num_cpus=0.25, max_concurrency=8).remote(
-        str(tmp_path), cluster.coordinator_name, 0.01, namespace=cluster.spec.namespace)
+        checkpoint=str(tmp_path), coordinator=cluster.coordinator_name, batch_window_s=0.01, namespace=cluster.spec.namespace)
     live = ray.get(cluster.coordinator.placement.remote())
     local = InProcessMemory([d for d in docs if d.doc_id in live])
     prompts = [random_prompt(model, 10 + s, seed=s) for s in range(6)]
@@ -92,3 +97,51 @@ def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     answer = ray.get(gen.answer.remote("what happened?", "acme"), timeout=300)
     assert answer.version == ray.get(cluster.coordinator.view.remote()).version and answer.rounds
     ray.kill(gen)
+
+
+@ray.remote
+class _Slow:
+    """A role that is slow, or fails the way Ray's own machinery fails."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, s):
+        import time
+
+        self.calls.append(("sleep", s))
+        time.sleep(s)
+        return s
+
+    def record(self, tag):
+        self.calls.append(("record", tag))
+        return tag
+
+    def lost(self):
+        raise ray.exceptions.ObjectLostError("0" * 56, "owner")
+
+    def history(self):
+        return self.calls
+
+
+def test_calls_time_out_cancel_and_map_ray_failures(ray_nodes):
+    """A call past its timeout is ShardUnavailableError and is cancelled; Ray's own failures map to it too."""
+    import time
+
+    from msa_cluster.actors.calls import call, gather, submit
+    from msa_cluster.types import ShardUnavailableError
+
+    actor = _Slow.options(num_cpus=0.1, max_concurrency=1).remote()
+    ray.get(actor.history.remote(), timeout=60)
+    busy = actor.sleep.remote(3.0)  # occupies the actor's only thread
+    t0 = time.monotonic()
+    with pytest.raises(ShardUnavailableError, match="within 0.5s"):
+        gather([submit(actor, "record", "late")], 0.5)  # queued behind the sleep, then cancelled
+    assert time.monotonic() - t0 < 2.0
+    ray.get(busy, timeout=30)
+    assert ("record", "late") not in ray.get(actor.history.remote(), timeout=30)  # the cancelled call never ran
+    with pytest.raises(ShardUnavailableError, match="ObjectLostError"):
+        call(actor, "lost", timeout_s=30)
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(ShardUnavailableError):
+        call(actor, "record", "dead", timeout_s=30)

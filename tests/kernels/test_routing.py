@@ -164,12 +164,22 @@ def test_merge_top_k_of_nothing_is_empty():
     assert merge_top_k([[[]], [[ScoredDoc(4, 1.0)]]], 3) == [[ScoredDoc(4, 1.0)]]
 
 
-def test_dispatcher_on_cpu_is_the_reference():
-    """On CPU tensors doc_scores returns exactly the float64-tiled reference."""
+def test_cpu_dispatch_matches_an_independent_loop_and_never_runs_triton(monkeypatch):
+    """On CPU, doc_scores takes the reference path (Triton is never called) and equals a plain loop."""
+    monkeypatch.setattr(routing, "doc_scores_triton", lambda *a, **k: pytest.fail("Triton ran for CPU tensors"))
     rs = RoutingSpec(num_heads=4, num_kv_heads=2)
-    q, mask, keys, offsets = _random_case(4, B=1, T=3, H=4, Hkv=2, D=8, doc_chunks=[2, 4])
-    query = prepare_queries(q, mask, rs, 0.5)
-    assert torch.equal(doc_scores(query, keys, offsets), doc_scores_ref(query, keys, offsets))
+    q, mask, keys, offsets = _random_case(4, B=2, T=3, H=4, Hkv=2, D=8, doc_chunks=[2, 4, 1])
+    got = doc_scores(prepare_queries(q, mask, rs, 0.5), keys, offsets)
+    # Written out per document, chunk, token and head: head mean, max over routing tokens, max over chunks.
+    want = torch.full((2, 3), -math.inf, dtype=torch.float64)
+    for b in range(2):
+        for n in range(3):
+            for c in range(int(offsets[n]), int(offsets[n + 1])):
+                for t in range(3):
+                    if mask[b, t]:
+                        s = sum(float(q[b, t, h].double() @ keys[c, h // 2].double()) for h in range(4)) * 0.5 / 4
+                        want[b, n] = max(want[b, n], s)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def _query(H=4, Hkv=2, D=8, **kw):
