@@ -203,9 +203,9 @@ class Bench:
         self.store = MemoryStore.open(self.url, FP, create=True)
         self.docs: list[EncodedDocument] = []
         self.inproc = InProcessMemory(routing_layers=LAYERS)
-        self.routers = routers = [RouterShard(i, LAYERS, store=self.store) for i in range(4)]
-        kvs = [KVShard(i, self.store) for i in range(4)]
-        self.plain = Coordinator(self.store, routers, kvs, timeout_s=TIMEOUT_S)
+        self.routers = routers = [RouterShard(shard_id=i, routing_layers=LAYERS, store=self.store) for i in range(4)]
+        kvs = [KVShard(shard_id=i, store=self.store) for i in range(4)]
+        self.plain = Coordinator(store=self.store, routers=routers, kvs=kvs, timeout_s=TIMEOUT_S)
         self.plain.attach(routers, kvs)
         self.cluster = MemoryCluster.start(self.url, FP, ClusterSpec(name="bench", num_shards=4, timeout_s=TIMEOUT_S))
         self.coord = self.cluster.coordinator
@@ -214,6 +214,9 @@ class Bench:
         """Commit synthetic documents until memory holds `tokens`; every view syncs to the new version."""
         have = sum(d.num_chunks for d in self.docs)
         new = make_docs(len(self.docs), chunks_of(tokens) - have, seed=1000 + len(self.docs))
+        ids = [d.doc_id for d in new]
+        # Ids are allocated by the store (and by InProcessMemory): one tenant, so they run on from the last.
+        assert self.store.allocate_ids(TENANT, count=len(new)) == ids == self.inproc.allocate_ids(TENANT, count=len(new))
         self.store.insert(new)
         self.docs += new
         self.inproc.add(new)
@@ -284,8 +287,9 @@ def batching(bench: Bench, name: str, reps: int, window_s: float) -> dict[str, f
         "batched32": concurrent,
         "fanout_B32": lambda: fan_out(seq.view, LAYER, q32, TOP_K, [TENANT] * CONCURRENT),
         # the scoring alone, on one plain shard (a quarter of memory), 1 thread: does a row get cheaper in a batch?
-        "shard B=1": lambda: bench.routers[0].score(LAYER, qs[0], TOP_K, [TENANT], bench.plain.version),
-        "shard B=32": lambda: bench.routers[0].score(LAYER, q32, TOP_K, [TENANT] * CONCURRENT, bench.plain.version),
+        "shard B=1": lambda: bench.routers[0].score(LAYER, qs[0], TOP_K, [TENANT], [(bench.plain.version, bench.plain.epoch)]),
+        "shard B=32": lambda: bench.routers[0].score(LAYER, q32, TOP_K, [TENANT] * CONCURRENT,
+                                                     [(bench.plain.version, bench.plain.epoch)] * CONCURRENT),
     }
     t = {k: ms(v) for k, v in run_variants(variants, reps).items()}
     direct = variants["fanout_B32"]()
@@ -420,7 +424,7 @@ def split(ranges: list[tuple[int, int]], n: int) -> list[list[tuple[int, int, in
 def plain_shards(n: int, keys: torch.Tensor, ranges) -> list[RouterShard]:
     shards = []
     for j, docs in enumerate(split(ranges, n)):
-        shard = RouterShard(j, LAYERS)
+        shard = RouterShard(shard_id=j, routing_layers=LAYERS)
         shard.apply(1, added=[(i, TENANT, keys[None, s : s + c]) for i, s, c in docs])  # [R=1, C, Hkv, D]
         shards.append(shard)
     return shards
@@ -433,11 +437,11 @@ class _ShardHost:
 
     def load(self, shard_id: int, added: list) -> int:
         self.shard = None  # free the previous arena first
-        self.shard = RouterShard(shard_id, LAYERS)
-        return self.shard.apply(1, added=added)
+        self.shard = RouterShard(shard_id=shard_id, routing_layers=LAYERS)
+        return self.shard.apply(1, added=added).version
 
-    def score(self, layer, query, top_k, tenants, versions):
-        return self.shard.score(layer, query, top_k, tenants, versions)
+    def score(self, layer, query, top_k, tenants, pins):
+        return self.shard.score(layer, query, top_k, tenants, pins)
 
 
 def load_hosts(hosts: dict[int, list], keys: torch.Tensor, ranges) -> None:
@@ -462,14 +466,14 @@ def scaling_size(name: str, reps: int, hosts: dict[int, list]) -> dict[str, floa
         parts = []
         for j, shard in enumerate(plain[n]):
             start = time.perf_counter()
-            parts.append(shard.score(LAYER, q, TOP_K, [TENANT], 1))
+            parts.append(shard.score(LAYER, q, TOP_K, [TENANT], [(1, 0)]))
             per_shard.setdefault((n, j), []).append(time.perf_counter() - start)
         return merge_top_k(parts, TOP_K)
 
     variants: dict[str, Callable[[], object]] = {f"plain{n}": threads(1, lambda n=n: timed_shards(n)) for n in SHARDS}
-    variants["1 shard 2t"] = threads(2, lambda: plain[1][0].score(LAYER, q, TOP_K, [TENANT], 1))
+    variants["1 shard 2t"] = threads(2, lambda: plain[1][0].score(LAYER, q, TOP_K, [TENANT], [(1, 0)]))
     for n, acts in hosts.items():
-        variants[f"ray{n}"] = lambda acts=acts: merge_top_k(ray.get([a.score.remote(LAYER, q, TOP_K, [TENANT], 1) for a in acts]), TOP_K)
+        variants[f"ray{n}"] = lambda acts=acts: merge_top_k(ray.get([a.score.remote(LAYER, q, TOP_K, [TENANT], [(1, 0)]) for a in acts]), TOP_K)
     first = {k: fn() for k, fn in variants.items()}
     assert all(v == first["plain1"] for k, v in first.items() if k.startswith(("plain", "ray"))), "selections differ"
     per_shard.clear()

@@ -133,25 +133,57 @@ class RouterShard:
             return
         rk = snap.router_keys(ids, tenant=ALL_TENANTS)  # one bulk read
         bounds = rk.doc_offsets.tolist()
+        docs = [(doc_id, rk.tenants[n], rk.keys[:, bounds[n] : bounds[n + 1]]) for n, doc_id in enumerate(rk.doc_ids.tolist())]
+        self._add(docs, snap.version, epoch)
+
+    def apply(self, version: int, *, added: Sequence[tuple[int, str, torch.Tensor]] = (), removed: Sequence[int] = (),
+              epoch: int | None = None) -> ShardState:
+        """Apply router keys already read, without a store: added [(doc_id, tenant, keys [R, C, Hkv, D])]
+        become visible at `version`, `removed` ids stop being visible there. All or nothing
+        (MemoryFullError when the keys do not fit). For benchmarks and store-less use; the cluster
+        uses `converge`.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        with self._lock:
+            if version < self.version or epoch < self.epoch:
+                raise ValueError(f"router shard {self.shard_id} is at version {self.version} epoch {self.epoch}; "
+                                 f"cannot apply version {version} epoch {epoch}")
+            extra = sum(int(k.shape[1]) for _, _, k in added)
+            if self.capacity_bytes is not None and added:
+                row = added[0][2][:, :1].numel() * added[0][2].element_size()
+                self._refuse_unless_fits(extra, row, freed=0)
+            now = time.monotonic()
+            for d in removed:
+                tenant = self._tenant_of.pop(int(d), None)
+                if tenant is not None:
+                    self._arenas[tenant].remove([int(d)], version=version, now=now)
+            self._add(list(added), version, epoch)
+            self.version, self.epoch = version, epoch
+            return self.state()
+
+    def _add(self, docs: Sequence[tuple[int, str, torch.Tensor]], version: int, epoch: int) -> None:
         by_tenant: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for n, doc_id in enumerate(rk.doc_ids.tolist()):
-            by_tenant.setdefault(rk.tenants[n], []).append((doc_id, rk.keys[:, bounds[n] : bounds[n + 1]]))
-        for tenant, docs in by_tenant.items():
+        for doc_id, tenant, keys in docs:
+            by_tenant.setdefault(tenant, []).append((int(doc_id), keys))
+        for tenant, mine in by_tenant.items():
             arena = self._arenas.get(tenant)
             if arena is None:
                 arena = self._arenas[tenant] = RouterArena(self.routing_layers, device=self.device)
                 arena.raise_floor(self._floor)
-            arena.append(docs, version=snap.version, epoch=epoch)
+            arena.append(mine, version=version, epoch=epoch)
             self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
-            self._tenant_of.update((d, tenant) for d, _ in docs)
+            self._tenant_of.update((d, tenant) for d, _ in mine)
 
     def _reserve(self, snap: StoreSnapshot, ids: list[int], freed: int) -> None:
         """Refuse (MemoryFullError, nothing changed) when `ids` do not fit beside what stays held."""
         if self.capacity_bytes is None or not ids:
             return
-        self._expire(time.monotonic())
         extra = sum(snap.info(d, tenant=ALL_TENANTS).num_chunks for d in ids)
-        row = self._chunk_bytes or self._row_bytes(snap)
+        self._refuse_unless_fits(extra, self._chunk_bytes or self._row_bytes(snap), freed)
+
+    def _refuse_unless_fits(self, extra: int, row: int, freed: int) -> None:
+        assert self.capacity_bytes is not None
+        self._expire(time.monotonic())
         need = (self._held_chunks() - freed + extra) * row
         if need > self.capacity_bytes:
             raise MemoryFullError(

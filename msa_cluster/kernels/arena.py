@@ -44,6 +44,8 @@ class Pin:
 class RouterArena:
     """Router keys [R, capacity, Hkv, D] of one tenant's documents (or any set), versioned.
 
+    compact_min_chunks: below this many chunks the arena never compacts (copying is not worth it).
+
     Example:
         >>> arena = RouterArena((2, 3))
         >>> keys = torch.randn(2, 3, 1, 4)                        # [R, C, Hkv, D]: 3 chunks
@@ -55,8 +57,9 @@ class RouterArena:
         ([7], [])
     """
 
-    def __init__(self, routing_layers: Sequence[int], *, device: str | torch.device = "cpu"):
+    def __init__(self, routing_layers: Sequence[int], *, device: str | torch.device = "cpu", compact_min_chunks: int = 1024):
         self.routing_layers = tuple(int(x) for x in routing_layers)
+        self.compact_min_chunks = compact_min_chunks
         self.device = torch.device(device)
         self.floor = Pin(0, 0)  # requests pinned below this may have lost entries: SnapshotGoneError
         self._keys: torch.Tensor | None = None  # [R, capacity, Hkv, D]
@@ -68,6 +71,9 @@ class RouterArena:
         self._payload: list[Any] = []  # per entry, for the owner (InProcessMemory keeps the document)
         self._live: dict[int, int] = {}  # doc id -> entry visible at the newest version and epoch
         self._history: dict[int, list[int]] = {}  # doc id -> its entries, oldest first
+        # Derived per state, dropped on every change: offsets [E + 1] and ids [E], and the visibility
+        # masks of the last few pins (bounded: a request pins one version, few are in flight at once).
+        self._derived: dict[object, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -102,6 +108,7 @@ class RouterArena:
                 raise ValueError(f"router keys of document {doc_id} have shape {tuple(keys.shape)}; "
                                  f"expected [R={len(self.routing_layers)}, C>=1, Hkv, D]")
         self.remove([d for d, _ in docs if d in self._live], version=version, now=now)
+        self._derived = {}
         self._grow_keys(sum(int(k.shape[1]) for _, k in docs), docs[0][1] if docs else None)
         for j, (doc_id, keys) in enumerate(docs):
             assert self._keys is not None
@@ -115,6 +122,7 @@ class RouterArena:
     def remove(self, doc_ids: Sequence[int], *, version: int | None = None, epoch: int | None = None,
                now: float = 0.0) -> None:
         """Stop showing live documents from `version` on (a delete) or from `epoch` on (moved away)."""
+        self._derived = {k: v for k, v in self._derived.items() if not isinstance(k, Pin)}
         for doc_id in doc_ids:
             i = self._live.pop(int(doc_id), None)
             if i is None:
@@ -145,7 +153,8 @@ class RouterArena:
             e = int(re_[re_ != NEVER].max()) if (re_ != NEVER).any() else self.floor.epoch
             self.floor = Pin(max(self.floor.version, v), max(self.floor.epoch, e))
             self._retired[:n] |= fresh
-        if self._used > 1024 and 2 * self.held_chunks < self._used:
+            self._derived = {k: v for k, v in self._derived.items() if not isinstance(k, Pin)}
+        if self._used > self.compact_min_chunks and 2 * self.held_chunks < self._used:
             self._compact()
         return int(fresh.sum())
 
@@ -155,11 +164,24 @@ class RouterArena:
 
     # ------------------------------------------------------------------ queries
     def visible(self, pin: Pin) -> torch.Tensor:
-        """[E] bool: entries a request pinned at `pin` sees (one vectorised comparison)."""
-        n, c = self._n, self._cols
-        m = (c["added"][:n] <= pin.version) & (pin.version < c["removed"][:n])
-        m &= (c["e_added"][:n] <= pin.epoch) & (pin.epoch < c["e_removed"][:n]) & ~self._retired[:n]
-        return torch.from_numpy(m)
+        """[E] bool: entries a request pinned at `pin` sees (one vectorised comparison, then cached)."""
+        mask = self._derived.get(pin)
+        if mask is None:
+            n, c = self._n, self._cols
+            m = (c["added"][:n] <= pin.version) & (pin.version < c["removed"][:n])
+            m &= (c["e_added"][:n] <= pin.epoch) & (pin.epoch < c["e_removed"][:n]) & ~self._retired[:n]
+            if sum(isinstance(k, Pin) for k in self._derived) >= 8:
+                self._derived = {k: v for k, v in self._derived.items() if not isinstance(k, Pin)}
+            mask = self._derived[pin] = torch.from_numpy(m)
+        return mask
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets [E + 1], doc ids [E]) of the packed entries."""
+        if "offsets" not in self._derived:
+            counts = torch.from_numpy(self._cols["count"][: self._n])
+            self._derived["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            self._derived["ids"] = torch.from_numpy(self._cols["doc"][: self._n].copy())
+        return self._derived["offsets"], self._derived["ids"]
 
     def visible_ids(self, pin: Pin) -> list[int]:
         self.check(pin)
@@ -179,11 +201,9 @@ class RouterArena:
         if self._n == 0 or self._keys is None:
             return [[] for _ in pins]
         r = routing_row(self.routing_layers, layer)
-        counts = torch.from_numpy(self._cols["count"][: self._n])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])  # [E + 1]
+        offsets, ids = self._columns()  # [E + 1], [E]
         q = query if query.vectors.device == self.device else _moved(query, self.device)
         scores = doc_scores(q, self._keys[r, : self._used], offsets).cpu()  # [B, E]
-        ids = torch.from_numpy(self._cols["doc"][: self._n])
         out: list[list[ScoredDoc]] = [[] for _ in pins]
         for pin in set(pins):
             rows = [b for b, p in enumerate(pins) if p == pin]
@@ -243,6 +263,7 @@ class RouterArena:
     def _compact(self) -> None:
         """Drop retired entries and pack the rest in order (offsets stay a cumulative sum)."""
         assert self._keys is not None
+        self._derived = {}
         n = self._n
         keep = np.flatnonzero(~self._retired[:n])
         counts = self._cols["count"][:n]

@@ -359,14 +359,15 @@ def select_top_k(scores: torch.Tensor, doc_ids: torch.Tensor, k: int) -> list[li
     if k < 1:
         raise ValueError(f"top-k must be >= 1, got {k}")
     out: list[list[ScoredDoc]] = []
-    ids = doc_ids.cpu().tolist()
+    ids = doc_ids.cpu()
     for row in scores.float().cpu():
         finite = torch.isfinite(row) | (row == math.inf)
         cand = torch.nonzero(finite).flatten()
         if cand.numel() > k:  # keep every column that can reach the k-th place, ties included
             kth = torch.topk(row[cand], k).values[-1]
             cand = cand[row[cand] >= kth]
-        ranked = sorted((-float(row[i]), ids[i]) for i in cand.tolist())[:k]
+        # Python touches only the candidates (about k), never every document.
+        ranked = sorted(zip((-row[cand]).tolist(), ids[cand].tolist()))[:k]
         out.append([ScoredDoc(doc_id=d, score=-s) for s, d in ranked])
     return out
 
