@@ -259,14 +259,7 @@ def batching(bench: Bench, name: str, reps: int, window_s: float) -> dict[str, f
     seq = ClusterMemory(bench.coord, timeout_s=TIMEOUT_S).snapshot(TENANT)
     mem = ClusterMemory(bench.coord, timeout_s=TIMEOUT_S, batch_window_s=window_s, max_batch=64)
     snap = mem.snapshot(TENANT)
-    rows_per_fanout: list[int] = []
-    run = mem._run  # instrumentation only: count the rows each fan-out served
-
-    def counted(view, layer, top_k, batch):
-        rows_per_fanout.append(len(batch.rows))
-        return run(view, layer, top_k, batch)
-
-    mem._run = counted
+    rows_per_fanout = mem.batcher.recent_sizes  # requests served by each batched fan-out
     out: dict[int, Retrieval] = {}
 
     def concurrent():
@@ -327,7 +320,7 @@ def phases(bench: Bench, reps: int) -> dict[str, float]:
     view = call(bench.coord, "view")
 
     def score():
-        return gather([submit(r, "score", LAYER, q, TOP_K, [TENANT], [view.version]) for r in view.routers], TIMEOUT_S)
+        return gather([submit(r, "score", LAYER, q, TOP_K, [TENANT], [(view.version, view.epoch)]) for r in view.routers], TIMEOUT_S)
 
     parts = score()
     owner = {d.doc_id: s for s, rows in enumerate(parts) for row in rows for d in row}
@@ -336,7 +329,7 @@ def phases(bench: Bench, reps: int) -> dict[str, float]:
         want.setdefault(owner[d.doc_id], []).append(d.doc_id)
 
     def fetch():
-        return gather([submit(view.kvs[s], "fetch", LAYER, ids, view.version) for s, ids in want.items()], TIMEOUT_S)
+        return gather([submit(view.kvs[s], "fetch", LAYER, ids, view.version, TENANT) for s, ids in want.items()], TIMEOUT_S)
 
     return {k: ms(v) for k, v in run_variants({"score round": score, "fetch round": fetch}, reps).items()}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class LayerBatcher:
         self.max_wait_s = max_wait_s
         self.active_requests = active_requests  # with one request in flight, waiting only adds latency
         self.batches_run = 0  # fan-outs that served rows of more than one request
+        self.recent_sizes: deque[int] = deque(maxlen=1024)  # requests served by each recent batched fan-out
         self._lock = threading.Lock()
         self._open: dict[tuple[int, ...], _Batch] = {}
 
@@ -113,6 +115,7 @@ class LayerBatcher:
             tenants = [r.tenant for r in batch.rows for _ in range(r.query.batch_size)]
             pins = [r.pin for r in batch.rows for _ in range(r.query.batch_size)]
             batch.runs = len(batch.rows)
+            self.recent_sizes.append(batch.runs)
             if len(batch.rows) > 1:
                 self.batches_run += 1
             batch.result = run(merged, tenants, pins)
