@@ -73,13 +73,23 @@ class CoordinatorActor(Coordinator):
 
     def _poll(self, every_s: float) -> None:
         """Recover at once after a restart, then serve new commits every `every_s` (0: recovery only)."""
+        from ray.util.metrics import Gauge
+
+        gauges = {name: Gauge(f"msa_cluster_{name}", description=text, tag_keys=("cluster",)) for name, text in (
+            ("served_version", "store version the memory cluster serves (-1 while starting or recovering)"),
+            ("store_version", "latest committed store version"),
+            ("refused_version", "a newer store version the cluster could not hold (-1: none)"),
+        )}
         wait = 0.0
         while not self._stop.wait(wait):
             wait = every_s or 1.0
-            if not self._routers or (every_s <= 0 and self.version >= 0):
-                continue
             try:
-                self.sync()
+                if self._routers and (every_s > 0 or self.version < 0):
+                    self.sync()
+                status = self.status()
+                for name, value in (("served_version", status.version), ("store_version", status.store_version),
+                                    ("refused_version", -1 if status.refused_version is None else status.refused_version)):
+                    gauges[name].set(value, tags={"cluster": self.cluster})
             except Exception as e:  # the next round retries; a failed poll must not end the thread
                 log.warning("coordinator poll: %s: %s", type(e).__name__, e)
 

@@ -1,5 +1,7 @@
 """The memory cluster on a real two-node Ray cluster (loopback): exactness, placement, scaling, changes."""
 
+import time
+
 import pytest
 import ray
 import torch
@@ -66,6 +68,12 @@ def test_scale_up_and_online_changes(cluster, model, docs):
     status = cluster.status()
     assert status.documents == len(docs) - 3 and len(status.shards) == 2 and all(status.shards)
     assert status.version == status.store_version and status.refused_version is None
+    # The same figures reach Prometheus through Ray's metrics agents (exported every few seconds).
+    want = {"served_version": status.version, "store_version": status.store_version, "refused_version": -1}
+    deadline = time.monotonic() + 60
+    while (got := _scrape_gauges(cluster.spec.name)) != want:
+        assert time.monotonic() < deadline, got
+        time.sleep(2)
 
 
 def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
@@ -97,6 +105,23 @@ def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     answer = ray.get(gen.answer.remote("what happened?", "acme"), timeout=300)
     assert answer.version == ray.get(cluster.coordinator.view.remote()).version and answer.rounds
     ray.kill(gen)
+
+
+def _scrape_gauges(cluster: str) -> dict[str, float]:
+    """The coordinator's msa_cluster_* gauges of `cluster`, scraped from every node's metrics endpoint."""
+    import re
+    import urllib.request
+
+    found: dict[str, float] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        for m in re.finditer(r'^ray_msa_cluster_(\w+)\{([^}]*)\} (\S+)$', body, re.M):
+            if f'cluster="{cluster}"' in m.group(2):
+                found[m.group(1)] = float(m.group(3))
+    return found
 
 
 @ray.remote
