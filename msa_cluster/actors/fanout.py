@@ -65,10 +65,10 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
     remaining = max(deadline - time.monotonic(), 0.001)
     fetched = gather([submit(view.kvs[s], "fetch", layer, wanted[(s, v, t)], v, t) for s, v, t in groups], remaining)
     pieces: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (s, v, _), (k, val, counts) in zip(groups, fetched):
-        start = 0
-        for doc_id, c in zip(wanted[(s, v, _)], counts):
-            pieces[(doc_id, v)] = (k[start : start + c], val[start : start + c])
+    for group, (k, val, counts) in zip(groups, fetched):
+        start, version = 0, group[1]
+        for doc_id, c in zip(wanted[group], counts):
+            pieces[(doc_id, version)] = (k[start : start + c], val[start : start + c])
             start += c
     keys, values = [], []
     for row, (version, _) in zip(merged, pins):
