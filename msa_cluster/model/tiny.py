@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -17,15 +18,15 @@ from safetensors.torch import save_file
 from msa_cluster.model.config import MSAConfig
 from msa_cluster.model.tokenizer import ByteTokenizer
 
-__all__ = ["TINY_RANDOM", "tiny_config_dict", "write_tiny_random", "bundled_checkpoint"]
+__all__ = ["TINY_RANDOM", "tiny_config_dict", "write_tiny_random", "bundled_checkpoint", "resolve_checkpoint"]
 
 TINY_RANDOM = "msa-tiny-random"
 
 
-def tiny_config_dict(**overrides) -> dict:
+def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
     """MSA-4B's config.json keys with tiny values (4 layers, routing in the upper half)."""
     tok = ByteTokenizer()
-    cfg = {
+    cfg: dict[str, Any] = {
         "architectures": ["MSAForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -78,7 +79,7 @@ def tiny_config_dict(**overrides) -> dict:
     return cfg
 
 
-def write_tiny_random(path: str | Path, seed: int = 0, **overrides) -> Path:
+def write_tiny_random(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Write config.json (published key layout), model.safetensors and the tokenizer to `path`."""
     from msa_cluster.model.modeling import MSAForCausalLM
 
@@ -97,3 +98,14 @@ def write_tiny_random(path: str | Path, seed: int = 0, **overrides) -> Path:
 def bundled_checkpoint(name: str = TINY_RANDOM) -> Path:
     """Path of a checkpoint shipped inside the package."""
     return Path(str(resources.files("msa_cluster") / "assets" / name))
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint directory from a local path or the name of a bundled model (e.g. `msa-tiny-random`)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, str) and "/" not in name_or_path and bundled_checkpoint(name_or_path).is_dir():
+        return bundled_checkpoint(name_or_path)
+    bundled = sorted(p.name for p in bundled_checkpoint("").iterdir() if p.is_dir())
+    raise FileNotFoundError(f"{name_or_path!r} is neither a checkpoint directory nor a bundled model {bundled}")
