@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _weight_files(root: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    cls: Any, path: str | Path, *, dtype: Any = None, device: Any = None, config: MSAConfig | None = None, **kwargs: Any
+    cls: Any, path: str | os.PathLike[str], *, dtype: Any = None, device: Any = None, config: MSAConfig | None = None, **kwargs: Any
 ) -> Any:
     """Load a checkpoint directory, or a bundled model by name, strictly (see the module docstring)."""
     unknown = set(kwargs) - _IGNORED_KWARGS
@@ -96,7 +97,7 @@ def load_checkpoint(
     return model
 
 
-def save_checkpoint(model: Any, path: str | Path, **kwargs: Any) -> None:
+def save_checkpoint(model: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     config = model.config

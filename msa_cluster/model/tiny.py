@@ -8,6 +8,7 @@ are noise. `scripts/make_tiny_checkpoint.py` regenerates it byte for byte.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def bundled_checkpoint(name: str = TINY_RANDOM) -> Path:
     return Path(str(resources.files("msa_cluster") / "assets" / name))
 
 
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
+def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     """A checkpoint directory from a local path or the name of a bundled model (e.g. `msa-tiny-random`)."""
     path = Path(name_or_path)
     if path.is_dir():
