@@ -64,6 +64,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train an MSA model on the synthetic memory tasks from a YAML config."""
+    from msa_cluster.training.config import load_config
+    from msa_cluster.training.loop import train
+
+    cfg = load_config(args.config, output_dir=args.output_dir, steps=args.steps, device=args.device)
+    print(f"training {cfg.model.num_layers}x{cfg.model.hidden_size} (vocab {cfg.model.vocab_size}) for {cfg.steps} steps "
+          f"on {cfg.device} into {cfg.output_dir}")  # fmt: skip
+
+    def show(m: dict) -> None:
+        recall = " ".join(f"{k}={m[k]:.2f}" for k in sorted(m) if "recall" in k)
+        print(f"step {m['step']} [{m['phase']}] loss={m['loss']:.4f} lm={m['lm']:.4f} aux={m['aux']:.4f} {recall} "
+              f"tokens/s={m['tokens_per_s']:.0f}", flush=True)  # fmt: skip
+
+    result = train(cfg, resume=args.resume, on_metrics=show)
+    print(f"checkpoint: {result.checkpoint} (step {result.step}); metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="msa", description="msa-cluster: long-term LLM memory with Memory Sparse Attention")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -77,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["interleave", "one_round"], default="interleave",
                       help="one_round: route once and answer from routed memory without reading texts")
     demo.set_defaults(func=cmd_demo)
+    tr = sub.add_parser("train", help="train an MSA model on synthetic memory tasks from a YAML config")
+    tr.add_argument("--config", required=True, help="YAML training config (see examples/train/msa-tiny.yaml)")
+    tr.add_argument("--output-dir", help="override the config's output_dir")
+    tr.add_argument("--steps", type=int, help="override the config's steps")
+    tr.add_argument("--device", choices=["cpu", "cuda"], help="override the config's device")
+    tr.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    tr.set_defaults(func=cmd_train)
     return ap
 
 

@@ -128,8 +128,8 @@ def _start(cfg: TrainConfig, out: Path, resume: bool) -> tuple[MSAForCausalLM, B
         raise ValueError(f"{ckpt} exists: pass resume to continue it, or choose another output_dir")
     codec = train_bpe(tokenizer_corpus(cfg.seed, cfg.data.tokenizer_examples, cfg.data.num_docs, list(cfg.data.tasks)), cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
-    model = MSAForCausalLM(model_config(cfg.model, codec))
-    model.to(torch.device(cfg.device))
+    with torch.device(cfg.device):
+        model = MSAForCausalLM(model_config(cfg.model, codec))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return model, codec, opt, 0
