@@ -98,10 +98,10 @@ class _Drawer:
         return self.draw(_word)
 
     def person(self) -> str:
-        return self.draw(lambda r: f"{_word(r)} {_word(r)}")
+        return f"{self.word()} {self.word()}"  # each word in the split, so no name part is shared
 
     def company(self) -> str:
-        return self.draw(lambda r: f"{_word(r)} {r.choice(_COMPANY_TAILS)}")
+        return f"{self.word()} {self.rng.choice(_COMPANY_TAILS)}"
 
     def value(self, kind: str) -> str:
         if kind == "number":
