@@ -63,4 +63,4 @@ def test_example_config_is_valid():
     from msa_cluster.training.config import load_config
 
     cfg = load_config(Path(__file__).parents[2] / "examples" / "train" / "msa-tiny.yaml")
-    assert cfg.model.vocab_size == 1024 and cfg.data.num_docs == 16
+    assert cfg.model.vocab_size == 1024 and cfg.model.num_layers == 6 and cfg.data.num_docs == 16
