@@ -1,6 +1,7 @@
 """A tiny training config shared by the training tests (seconds per run on 2 cores)."""
 
 import pytest
+import torch
 
 from msa_cluster.training.config import TrainConfig
 
@@ -19,3 +20,12 @@ def tiny_config(tmp_path):
         return TrainConfig.model_validate({**TINY, "output_dir": str(tmp_path / name), **overrides})
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training tests use one torch thread: on a shared 2-core box two threads oversubscribe (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
