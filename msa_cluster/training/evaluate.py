@@ -61,9 +61,10 @@ def score_example(example: TaskExample, result: InterleaveResult, top_k: int) ->
     }
 
 
-def evaluate_answers(model: MSAForCausalLM, codec: Codec, examples: Sequence[TaskExample], cfg: InterleaveConfig = InterleaveConfig(),
+def evaluate_answers(model: MSAForCausalLM, codec: Codec, examples: Sequence[TaskExample], cfg: InterleaveConfig | None = None,
                      processor: LogitsProcessor | None = None) -> dict[str, TaskScores]:  # fmt: skip
     """Answer every example over its own memory; per-task mean scores (key "all" for the total)."""
+    cfg = cfg or InterleaveConfig()
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     out: dict[str, TaskScores] = defaultdict(TaskScores)
     k = model.config.memory.top_k_docs
