@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -137,8 +138,8 @@ def _start(cfg: TrainConfig, out: Path, resume: bool) -> tuple[MSAForCausalLM, B
 
 def train(cfg: TrainConfig, resume: bool = False, on_metrics: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or resume) to `cfg.steps`; checkpoints and `metrics.jsonl` go to `cfg.output_dir`."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    if cfg.device == "cuda":
+        _deterministic_cuda()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
@@ -165,6 +166,18 @@ def train(cfg: TrainConfig, resume: bool = False, on_metrics: Callable[[dict[str
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_training_checkpoint(out / CHECKPOINT, model, codec, opt, done, cfg.model_dump(mode="json"))
     return TrainResult(step=max(start, cfg.steps), checkpoint=out / CHECKPOINT, last=last)
+
+
+def _deterministic_cuda() -> None:
+    """Same seed, same weights on one CUDA device class: deterministic kernels, no TF32, fixed cuBLAS workspace
+    (the variable must be set before the process's first cuBLAS call, so `train` sets it before building the model)."""
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def _eval_example(cfg: TrainConfig, codec: BPECodec, i: int) -> list[Example]:
