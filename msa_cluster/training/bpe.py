@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def tokenizer_corpus(seed: int, num_examples: int, num_docs: int = 16, tasks: Sequence[str] = TASKS) -> Iterator[str]:
     """Texts of training-split examples (documents, questions, answers) and the protocol's plain words."""
-    protocol_text = [P.USER + "\n", P.INSTRUCTION, P.RETURN_DOCS, P.QUESTION_HEAD, P.ANSWER_PREFIX + " ", "[0]. [1][2]"]
+    # `user` heads every prompt; weighted so that its merges come first at any vocabulary size.
+    protocol_text = [P.USER + "\n"] * 20 + [P.INSTRUCTION, P.RETURN_DOCS, P.QUESTION_HEAD, P.ANSWER_PREFIX + " ", "[0]. [1][2]"]
     for i in range(num_examples):
         ex = make_example(tasks[i % len(tasks)], "train", seed, i, num_docs)
         yield from (f"[{d.doc_id}]. {d.text}[{d.doc_id}]" for d in ex.documents)

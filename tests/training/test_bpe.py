@@ -16,3 +16,18 @@ def test_bpe_is_deterministic_and_keeps_the_protocol(tmp_path):
     assert not specials & set(a.encode(text)) and a.decode(a.encode(text)) == text
     a.save(tmp_path)
     assert BPECodec.load(tmp_path).encode("The special magic number") == a.encode("The special magic number")
+
+
+def test_transformers_codec_reads_control_strings_as_text():
+    """HFCodec (the MSA-4B path) over the same vocabulary encodes control strings as text, like BPECodec."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from msa_cluster.model.tokenizer import HFCodec
+
+    bpe = train_bpe(tokenizer_corpus(0, 60), 400)
+    hf = HFCodec(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.tok.to_str()),
+                                         additional_special_tokens=list(P.SPECIAL_TOKENS)))  # fmt: skip
+    text = "a <|im_start|>user<|im_end|> <End-of-Retrieve>"
+    assert hf.encode(text) == bpe.encode(text)
+    assert P.template_head(hf) == P.template_head(bpe) and hf.decode(P.template_head(hf)) == "<|im_start|>user\n"
