@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from msa_cluster.model.config import MSAConfig
+from msa_cluster.model.protocol import ENDOFTEXT, IM_END
 from msa_cluster.model.tokenizer import ByteTokenizer
 
 __all__ = ["TINY_RANDOM", "tiny_config_dict", "write_tiny_random", "bundled_checkpoint", "resolve_checkpoint"]
@@ -31,8 +32,8 @@ def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
         "architectures": ["MSAForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": tok.token_id("<|endoftext|>"),
-        "eos_token_id": tok.token_id("<|im_end|>"),
+        "bos_token_id": tok.token_id(ENDOFTEXT),
+        "eos_token_id": tok.token_id(IM_END),
         "head_dim": 16,
         "hidden_act": "silu",
         "hidden_size": 64,

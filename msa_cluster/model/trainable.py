@@ -29,12 +29,14 @@ __all__ = ["GraphMemory", "Turn", "Example", "ForwardStats", "training_forward"]
 
 @dataclass(frozen=True)
 class Turn:
-    """One teacher-forced transcript: ids [T], routing flags [T], target flags [T], positive doc ids."""
+    """One teacher-forced transcript: ids [T], routing flags [T], target flags [T], positive doc ids,
+    and doc ids left out of the routing loss (documents already read, which the routing query quotes)."""
 
     ids: list[int]
     routing: list[bool]
     target: list[bool]
     positives: tuple[int, ...]
+    ignored: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.routing) == len(self.target)):
@@ -124,9 +126,11 @@ def training_forward(model: MSAForCausalLM, example: Example, recall_ks: Sequenc
         if not turn.positives or not any(turn.routing):
             continue
         positive = torch.tensor([d in turn.positives for d in memory.doc_ids], device=model.device)
+        ignored = torch.tensor([d in turn.ignored and d not in turn.positives for d in memory.doc_ids], device=model.device)
         for layer in model.routing_layers:
-            aux_terms.append(infonce_decouple(memory.scores[layer], positive, temperature))
-            recalls.append(router_recall(memory.scores[layer].detach(), positive, recall_ks))
+            scores = memory.scores[layer].masked_fill(ignored, float("-inf"))  # -inf: neither positive nor negative
+            aux_terms.append(infonce_decouple(scores, positive, temperature))
+            recalls.append(router_recall(scores.detach(), positive, recall_ks))
     aux = torch.stack(aux_terms).mean() if aux_terms else lm_sum * 0.0
     recall = {k: sum(r[k] for r in recalls) / len(recalls) for k in recall_ks} if recalls else {}
     return ForwardStats(lm_sum=lm_sum, lm_count=lm_count, aux=aux, recall=recall, tokens=example.num_tokens)

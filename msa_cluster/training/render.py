@@ -2,7 +2,9 @@
 
 Interleave mode splits a retrieval chain into one turn per step (digest 2.8): turn r is the
 transcript the interleave loop would prefill in round r (question, ids named so far, texts read,
-routing on the question plus the newest texts), with the ids of hop r as its target. The last
+routing on the question plus the newest texts), with the ids of hop r as its target and as the
+routing loss's positives. Documents read in earlier rounds are left out of that turn's routing
+loss: the routing query quotes their text, so ranking them below the next hop is not asked. The last
 turn reads everything and targets `<End-of-Retrieve>` and the answer, with the question block
 in between as context. One-round mode is the baseline: one turn that feeds `<End-of-Retrieve>`
 and the question block straight after the prompt and targets the answer only.
@@ -22,14 +24,14 @@ __all__ = ["render", "Mode"]
 Mode = Literal["interleave", "one_round"]
 
 
-def _turn(tr: P.Transcript, targets: list[tuple[list[int], bool]], positives: tuple[int, ...]) -> Turn:
+def _turn(tr: P.Transcript, targets: list[tuple[list[int], bool]], positives: tuple[int, ...], read: tuple[int, ...] = ()) -> Turn:
     """The transcript followed by target pieces (ids, is_target); the transcript itself is context."""
     ids, routing, target = list(tr.ids), list(tr.routing), [False] * len(tr)
     for piece, is_target in targets:
         ids += piece
         routing += [False] * len(piece)
         target += [is_target] * len(piece)
-    return Turn(ids, routing, target, positives)
+    return Turn(ids, routing, target, positives, ignored=tuple(d for d in read if d not in positives))
 
 
 def render(example: TaskExample, codec: Codec, mode: Mode = "interleave") -> Example:
@@ -46,14 +48,16 @@ def render(example: TaskExample, codec: Codec, mode: Mode = "interleave") -> Exa
         return Example(docs, doc_ids, [turn])
     if mode != "interleave":
         raise ValueError(f"mode must be 'interleave' or 'one_round', got {mode!r}")
-    turns = []
+    turns: list[Turn] = []
+    read: tuple[int, ...] = ()
     for hop in example.hops:
         named = P.retrieval_output(codec, hop)
-        turns.append(_turn(tr, [(named, True)], hop))
+        turns.append(_turn(tr, [(named, True)], hop, read))
+        read += tuple(sorted(hop))
         tr.add(named)
         tr.routing = question_mask + [False] * (len(tr) - len(question_mask))
         for doc_id in sorted(hop):
             tr.add(P.read_text(codec, doc_id, texts[doc_id]), routing=True)
         tr.add([codec.token_id(P.DOC_END)])
-    turns.append(_turn(tr, [(eor, True), (block, False), (answer, True)], example.hops[-1]))
+    turns.append(_turn(tr, [(eor, True), (block, False), (answer, True)], example.hops[-1], read))
     return Example(docs, doc_ids, turns)

@@ -95,3 +95,17 @@ def test_routing_loss_falls_on_a_toy_task():
         opt.step()
         losses.append(float(stats.aux.detach()))
     assert sum(losses[-8:]) / 8 < 0.1 * sum(losses[:8]) / 8
+
+
+def test_ignored_documents_leave_the_routing_loss():
+    """A document marked ignored (already read) is neither positive nor negative: the loss equals the loss without it."""
+    model = make_model(seed=7, chunk=8, top_k=2, similarity="cosine", routing="3")  # one routing layer: scores do not depend on selections
+    ex = _toy(9)
+    turn = ex.turns[0]
+    other = next(d for d in ex.doc_ids if d not in turn.positives)
+    with_ignored = Example(ex.documents, ex.doc_ids, [Turn(turn.ids, turn.routing, turn.target, turn.positives, (other,))])
+    keep = [i for i, d in enumerate(ex.doc_ids) if d != other]
+    without = Example([ex.documents[i] for i in keep], [ex.doc_ids[i] for i in keep], [turn])
+    with torch.no_grad():
+        a, b = training_forward(model, with_ignored), training_forward(model, without)
+    assert float(a.aux) == pytest.approx(float(b.aux), rel=1e-5)

@@ -76,6 +76,7 @@ def test_rendered_turns_follow_the_interleave_protocol():
     routed = TOK.decode([i for i, r in zip(turns[1].ids, turns[1].routing) if r])
     assert routed.endswith(f"[{ex.hops[0][0]}]. {ex.documents[ex.hops[0][0]].text}\n")
     assert turns[0].positives == ex.hops[0] and turns[2].positives == ex.hops[1]
+    assert [t.ignored for t in turns] == [(), ex.hops[0], ex.hops[0]]  # the read first hop is quoted, not a negative
     (one,) = render(ex, TOK, "one_round").turns
     assert TOK.decode([i for i, t in zip(one.ids, one.target) if t]) == f"The answer to the question is: {ex.answer}<|im_end|>"
     assert TOK.decode(one.ids).endswith(TOK.decode(P.question_block(TOK, ex.question) + P.answer_output(TOK, ex.answer)))
