@@ -2,7 +2,9 @@
 
 Each example's haystack is encoded into its own in-process memory (ids 0..N-1) and answered by
 `answer_with_memory` in the given mode, exactly as a user would run it. Reported per task:
-exact match of the answer, recall of the gold documents among the citations, round-1 router
+exact match of the answer, recall of the gold documents among the citations and the share of
+citations that are gold (one-round mode cites every routed document, so read recall with
+precision), round-1 router
 recall (gold documents of the first hop among each routing layer's selection, averaged over
 layers), BM25's recall@k on the question for the same hop (the lexical baseline), and the
 finish reasons.
@@ -33,13 +35,14 @@ class TaskScores:
     examples: int = 0
     exact_match: float = 0.0
     citation_recall: float = 0.0
+    citation_precision: float = 0.0
     router_recall: float = 0.0
     bm25_recall: float = 0.0
     finish: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "exact_match": self.exact_match, "citation_recall": self.citation_recall,
-                "router_recall": self.router_recall, "bm25_recall": self.bm25_recall, "finish": dict(self.finish)}  # fmt: skip
+                "citation_precision": self.citation_precision, "router_recall": self.router_recall, "bm25_recall": self.bm25_recall, "finish": dict(self.finish)}  # fmt: skip
 
 
 def _norm(text: str) -> str:
@@ -56,6 +59,7 @@ def score_example(example: TaskExample, result: InterleaveResult, top_k: int) ->
     return {
         "exact_match": float(_norm(result.answer) == _norm(example.answer)),
         "citation_recall": len(gold & cited) / len(gold),
+        "citation_precision": len(gold & cited) / len(cited) if cited else 0.0,
         "router_recall": sum(router) / len(router) if router else 0.0,
         "bm25_recall": len(first & set(bm25)) / len(first),
     }

@@ -24,7 +24,7 @@ def test_gold_outputs_score_one(model):
         ex = make_example(task, "eval", 1, 0, num_docs=6)
         gold = [i for turn in render(ex, TOK).turns for i, t in zip(turn.ids, turn.target) if t]
         scores = evaluate_answers(model, TOK, [ex], processor=Script(gold))
-        assert scores[task].exact_match == 1.0 and scores[task].citation_recall == 1.0
+        assert scores[task].exact_match == 1.0 and scores[task].citation_recall == scores[task].citation_precision == 1.0
         assert scores["all"].finish == {"answered": 1} and 0.0 <= scores[task].router_recall <= 1.0
         assert scores[task].bm25_recall == (1.0 if task == "niah_single" else scores[task].bm25_recall)
 
