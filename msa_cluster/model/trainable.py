@@ -130,7 +130,7 @@ def training_forward(model: MSAForCausalLM, example: Example, recall_ks: Sequenc
         for layer in model.routing_layers:
             scores = memory.scores[layer].masked_fill(ignored, float("-inf"))  # -inf: neither positive nor negative
             aux_terms.append(infonce_decouple(scores, positive, temperature))
-            recalls.append(router_recall(scores.detach(), positive, recall_ks))
+            recalls.append(router_recall(scores.detach().cpu(), positive.cpu(), recall_ks))
     aux = torch.stack(aux_terms).mean() if aux_terms else lm_sum * 0.0
     recall = {k: sum(r[k] for r in recalls) / len(recalls) for k in recall_ks} if recalls else {}
     return ForwardStats(lm_sum=lm_sum, lm_count=lm_count, aux=aux, recall=recall, tokens=example.num_tokens)
