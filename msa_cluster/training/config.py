@@ -26,6 +26,9 @@ class ModelSpec(_Strict):
     top_k_docs: int = Field(4, ge=1, le=64, description="documents selected per routing layer")
     pooling_kernel_size: int = Field(16, ge=1, le=256, description="tokens per pooled chunk P")
     vocab_size: int = Field(1024, ge=262, le=65536, description="BPE vocabulary, special tokens included")
+    query_reduce: Literal["max", "mean"] = Field(
+        "max", description="how routing-token scores reduce to a chunk score (MSA-4B: max); training and inference both use it"
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> ModelSpec:

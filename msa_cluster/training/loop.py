@@ -56,7 +56,8 @@ def model_config(spec: ModelSpec, codec: BPECodec) -> MSAConfig:
         head_dim=spec.head_dim, vocab_size=codec.vocab_size, bos_token_id=codec.token_id(P.ENDOFTEXT),
         eos_token_id=codec.token_id(P.IM_END),
         msa_config={"router_layer_idx": routing, "top_k_docs": spec.top_k_docs,
-                    "pooling_kernel_size": spec.pooling_kernel_size, "similarity": "cosine", "aux_loss": True},
+                    "pooling_kernel_size": spec.pooling_kernel_size, "similarity": "cosine", "aux_loss": True,
+                    "query_reduce_method": spec.query_reduce},
     )  # fmt: skip
     return MSAConfig(**cfg)
 

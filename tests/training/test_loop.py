@@ -67,3 +67,15 @@ def test_routing_loss_falls_on_a_toy_task(tiny_config):
     res = train(tiny_config(steps=40, warmup_steps=40, log_every=1, data=data))
     aux = [json.loads(line)["aux"] for line in (res.checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(aux) == 40 and sum(aux[-8:]) / 8 < 0.1 * sum(aux[:8]) / 8
+
+
+def test_model_spec_reaches_the_model_config():
+    """Sizes, top-k, pooling and the routing query reduction in the YAML model spec are what the model is built with."""
+    from msa_cluster.training.bpe import tokenizer_corpus, train_bpe
+    from msa_cluster.training.config import ModelSpec
+    from msa_cluster.training.loop import model_config
+
+    codec = train_bpe(tokenizer_corpus(0, 60), 400)
+    cfg = model_config(ModelSpec(num_layers=4, top_k_docs=3, pooling_kernel_size=8, query_reduce="mean"), codec)
+    assert cfg.routing_layers == (2, 3) and cfg.memory.top_k_docs == 3 and cfg.memory.pooling_kernel_size == 8
+    assert cfg.memory.query_reduce_method == "mean" and cfg.memory.resolved_similarity == "cosine" and cfg.vocab_size == 400
