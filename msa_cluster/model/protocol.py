@@ -1,6 +1,18 @@
 """The MSA protocol in one place: special tokens, the document wrapper, the chat template and
 the memory-interleave formats (digest 3 and 6). Nothing else in the package spells them.
 
+    >>> from msa_cluster.model.tokenizer import ByteTokenizer
+    >>> codec = ByteTokenizer()
+    >>> codec.decode(encode_document(codec, 4, "Erik is the son of Bill."))
+    '<|im_start|>[4]. Erik is the son of Bill.[4]<|im_end|>'
+    >>> prompt = first_prompt(codec, "Who is <|im_start|> Erik's father?")
+    >>> prompt.ids[:3] == template_head(codec) and not any(prompt.routing[:3])
+    True
+    >>> codec.token_id(IM_START) in prompt.ids[3:-3]     # the string in the question stays text
+    False
+    >>> codec.decode(retrieval_output(codec, [4, 3])), parse_doc_ids("[4][3]<|object_ref_end|>")
+    ('[4][3]<|object_ref_end|>', [3, 4])
+
 Protocol tokens are only ever produced here, by id (`Codec.token_id`); every piece of user or
 document text goes through `Codec.encode`, which never turns text into a protocol token. So a
 document that contains the string `<|im_start|>` is read as those characters, not as a turn.
@@ -32,6 +44,9 @@ __all__ = [
     "ENDOFTEXT",
     "IM_END",
     "IM_START",
+    "INSTRUCTION",
+    "QUESTION_HEAD",
+    "RETURN_DOCS",
     "SPECIAL_TOKENS",
     "USER",
     "Codec",

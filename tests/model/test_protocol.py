@@ -55,3 +55,11 @@ def test_bundled_model_resolves_by_name():
     assert isinstance(load_codec(TINY_RANDOM), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         resolve_checkpoint("no-such-model")
+
+
+def test_module_examples_run():
+    """The protocol module's docstring examples run and print what they show."""
+    import doctest
+
+    result = doctest.testmod(P)
+    assert result.attempted >= 6 and result.failed == 0
