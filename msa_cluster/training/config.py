@@ -26,6 +26,10 @@ class ModelSpec(_Strict):
     top_k_docs: int = Field(4, ge=1, le=64, description="documents selected per routing layer")
     pooling_kernel_size: int = Field(16, ge=1, le=256, description="tokens per pooled chunk P")
     vocab_size: int = Field(1024, ge=262, le=65536, description="BPE vocabulary, special tokens included")
+    router_init: Literal["tied", "random"] = Field(
+        "tied", description="tied: router_q_proj starts equal to router_k_proj (per GQA group), so routing starts as "
+        "cosine matching of one projection; random: independent, as MSA-4B's routers on a pretrained backbone"
+    )
     query_reduce: Literal["max", "mean"] = Field(
         "max", description="how routing-token scores reduce to a chunk score (MSA-4B: max); training and inference both use it"
     )

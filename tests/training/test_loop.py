@@ -79,3 +79,20 @@ def test_model_spec_reaches_the_model_config():
     cfg = model_config(ModelSpec(num_layers=4, top_k_docs=3, pooling_kernel_size=8, query_reduce="mean"), codec)
     assert cfg.routing_layers == (2, 3) and cfg.memory.top_k_docs == 3 and cfg.memory.pooling_kernel_size == 8
     assert cfg.memory.query_reduce_method == "mean" and cfg.memory.resolved_similarity == "cosine" and cfg.vocab_size == 400
+
+
+def test_tied_router_init_copies_kv_heads_into_query_heads():
+    """router_init 'tied': query head h of router_q_proj starts as kv head h // G of router_k_proj; 'random' does not."""
+    from msa_cluster.model import MSAForCausalLM
+    from msa_cluster.training.bpe import tokenizer_corpus, train_bpe
+    from msa_cluster.training.config import ModelSpec
+    from msa_cluster.training.loop import model_config, tie_router_init
+
+    spec = ModelSpec(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=16, intermediate_size=32)
+    model = MSAForCausalLM(model_config(spec, train_bpe(tokenizer_corpus(0, 60), 400)))
+    attn = model.model.layers[1].self_attn
+    wq, wk = attn.router_q_proj[0].weight, attn.router_k_proj[0].weight
+    assert not wq[8:16].equal(wk[0:8])
+    tie_router_init(model)
+    for h in range(4):
+        assert wq[h * 8 : (h + 1) * 8].equal(wk[(h // 2) * 8 : (h // 2 + 1) * 8])
