@@ -82,7 +82,7 @@ def test_training_forward_equals_inference():
 
 
 def test_routing_loss_falls_on_a_toy_task():
-    """Forty steps of routing-weighted training cut the routing loss on a key-lookup toy task by 10x."""
+    """Forty steps of routing-weighted training over eight key-lookup examples (seen five times each) cut the routing loss 10x."""
     torch.manual_seed(0)
     model = make_model(seed=0, chunk=8, top_k=2, similarity="cosine").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
