@@ -1,7 +1,7 @@
 """Encoder: the model's stage-1 document encoding for ingestion, on the GPU when there is one.
 
 Input rows are dicts with `id`, `text` and optionally `tenant`, `source`, `metadata`; each text is
-wrapped as the reference does (`<|im_start|>[id]. text[id]<|im_end|>`) and tokenised.
+wrapped and tokenised by `model.protocol.encode_document` (`<|im_start|>[id]. text[id]<|im_end|>`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from typing import Any
 import torch
 
 from msa_cluster.model import MSAForCausalLM
+from msa_cluster.model.protocol import encode_document, wrap_document
 from msa_cluster.model.tokenizer import Codec, load_codec
 from msa_cluster.types import DEFAULT_TENANT, EncodedDocument
 
 __all__ = ["Encoder", "wrap_document"]
-
-
-def wrap_document(doc_id: int, text: str) -> str:
-    return f"<|im_start|>[{doc_id}]. {text}[{doc_id}]<|im_end|>"
 
 
 class Encoder:
@@ -48,7 +45,7 @@ class Encoder:
             doc_id = row.get("id")
             if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id < 0:
                 raise ValueError(f"row {n} needs a non-negative int 'id', got {doc_id!r}")
-            toks = self.codec.encode(wrap_document(doc_id, row["text"]))
+            toks = encode_document(self.codec, doc_id, row["text"])
             if len(toks) > self.max_tokens:
                 raise ValueError(f"document {doc_id} is {len(toks)} tokens, over max_tokens={self.max_tokens}")
             ids.append(doc_id)

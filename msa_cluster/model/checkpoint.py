@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -42,13 +44,18 @@ def _weight_files(root: Path) -> list[Path]:
     raise FileNotFoundError(f"{root} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_checkpoint(cls, path, *, dtype=None, device=None, config: MSAConfig | None = None, **kwargs):
+def load_checkpoint(
+    cls: Any, path: str | os.PathLike[str], *, dtype: Any = None, device: Any = None, config: MSAConfig | None = None, **kwargs: Any
+) -> Any:
+    """Load a checkpoint directory, or a bundled model by name, strictly (see the module docstring)."""
     unknown = set(kwargs) - _IGNORED_KWARGS
     if unknown:
         raise TypeError(f"from_pretrained got unsupported arguments {sorted(unknown)}")
     if dtype is None and "torch_dtype" in kwargs:
         dtype = kwargs["torch_dtype"]
-    root = Path(path) / (kwargs.get("subfolder") or "")
+    from msa_cluster.model.tiny import resolve_checkpoint
+
+    root = resolve_checkpoint(path) / (kwargs.get("subfolder") or "")
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root} is not a local checkpoint directory (no config.json)")
     if config is None:
@@ -90,7 +97,7 @@ def load_checkpoint(cls, path, *, dtype=None, device=None, config: MSAConfig | N
     return model
 
 
-def save_checkpoint(model, path, **kwargs) -> None:
+def save_checkpoint(model: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     config = model.config

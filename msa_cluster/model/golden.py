@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Any
 
 import torch
 
@@ -15,10 +16,9 @@ __all__ = ["golden_outputs"]
 QUESTION = "When was the father of the lighthouse logbook keeper born?"
 
 
-def golden_outputs() -> dict:
+def golden_outputs() -> dict[str, Any]:
     """Selections, pooled-key checksums and last-token logits of one prefill over the sample corpus."""
-    from msa_cluster.model import InProcessMemory, MSAForCausalLM
-    from msa_cluster.model.interleave import InterleaveConfig
+    from msa_cluster.model import InProcessMemory, MSAForCausalLM, protocol
     from msa_cluster.model.tiny import bundled_checkpoint
     from msa_cluster.model.tokenizer import load_codec
 
@@ -27,14 +27,10 @@ def golden_outputs() -> dict:
     codec = load_codec(path)
     text = (resources.files("msa_cluster") / "assets" / "sample_corpus.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    wrapped = [codec.encode(f"<|im_start|>[{r['id']}]. {r['text']}[{r['id']}]<|im_end|>") for r in rows]
+    wrapped = [protocol.encode_document(codec, r["id"], r["text"]) for r in rows]
     memory = InProcessMemory.from_documents(model, wrapped, texts=[r["text"] for r in rows], doc_ids=[r["id"] for r in rows])
-    cfg = InterleaveConfig()
-    head = codec.encode(cfg.template_head)
-    question = codec.encode(cfg.instruction + QUESTION + "\n" + cfg.return_docs)
-    tail = codec.encode(cfg.prompt_end + cfg.response_head)
-    ids = torch.tensor([head + question + tail])
-    mask = torch.tensor([[False] * len(head) + [True] * len(question) + [False] * len(tail)])
+    prompt = protocol.first_prompt(codec, QUESTION)
+    ids, mask = torch.tensor([prompt.ids]), torch.tensor([prompt.routing])
     out = model.prefill(ids, memory, mask)
     last = out.logits[0, -1]
     layer = model.config.routing_layers[-1]

@@ -1,51 +1,51 @@
-"""Memory interleave (digest 6): the model names documents, reads their raw text, routes again.
+"""Memory interleave (digest 6) as a small per-round state machine.
 
-Round r: prefill the transcript, routing on the question (and, from round 2, on the texts
-appended last round); generate until `<|object_ref_end|>` (document ids were named),
-`<End-of-Retrieve>` (go answer), EOS or the round's token limit. Named ids are parsed with
-`\\[(\\d+)\\]`, deduplicated, sorted, and filtered to documents visible in the request's
-snapshot (same tenant, not deleted); their raw texts `[i]. text\\n` are appended, closed by
-`<|object_ref_end|>`. After `<End-of-Retrieve>` the question block is fed causally and the model
-answers. Unlike the reference, rounds and context are bounded: `max_rounds` retrieval rounds,
-and a transcript of at most `max_context_tokens` tokens before each prefill.
+Each round prefills the transcript over one memory snapshot, routing on the question and (from
+round 2) on the texts read last round, then generates. The round's output decides the next state:
+
+    `<|object_ref_end|>` after `[i]` ids -> READ: append the named documents' raw texts, next round
+    `<End-of-Retrieve>`                 -> ANSWER: feed the question block, generate the answer
+    `<|im_end|>`                        -> done: the model answered without reading
+    the round's token limit             -> done, finish reason "token_limit", no answer
+
+`mode="one_round"` is the baseline that two-hop interleave is measured against: route once, then
+answer from the routed memory alone (no text is read). Rounds and context are bounded, unlike the
+reference: at most `max_rounds` reading rounds, and a transcript of at most `max_context_tokens`.
+Finish reasons: "answered", "token_limit", "round_limit" (made to answer after max_rounds) and
+"context_limit" (made to answer because no named text fit in the context budget).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from msa_cluster.model import protocol as P
 from msa_cluster.model.generation import GenerationConfig, LogitsProcessor, continue_generation
 from msa_cluster.model.memory import MemoryBackend, MemorySnapshot
-from msa_cluster.model.modeling import MSAForCausalLM
-from msa_cluster.model.tokenizer import Codec
+from msa_cluster.model.modeling import MSAForCausalLM, PrefillOutput
+from msa_cluster.model.protocol import Codec
 from msa_cluster.types import DEFAULT_TENANT, Citation
 
-__all__ = ["InterleaveConfig", "InterleaveResult", "RoundTrace", "answer_with_memory"]
+__all__ = ["FINISH_REASONS", "InterleaveConfig", "InterleaveResult", "RoundTrace", "answer_with_memory"]
 
-_ID = re.compile(r"\[(\d+)\]")
+FINISH_REASONS = ("answered", "token_limit", "round_limit", "context_limit")
+_MODES = ("interleave", "one_round")
 
 
 @dataclass(frozen=True)
 class InterleaveConfig:
-    max_rounds: int = 3
+    mode: Literal["interleave", "one_round"] = "interleave"
+    max_rounds: int = 3  # reading rounds; round max_rounds + 1 must answer
     max_context_tokens: int = 8192
     max_round_tokens: int = 64
     max_answer_tokens: int = 256
-    template_head: str = "<|im_start|>user\n"
-    instruction: str = "\nPlease answer the question based on the above historical document information\n\n"
-    return_docs: str = "Please return all documents related to the question\n"
-    prompt_end: str = "<|im_end|>\n"
-    response_head: str = "<|im_start|>"
-    doc_end: str = "<|object_ref_end|>"
-    end_of_retrieve: str = "<End-of-Retrieve>"
-    question_block: str = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
-    answer_prefix: str = "The answer to the question is:"
-    eos: str = "<|im_end|>"
 
     def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         for name in ("max_rounds", "max_context_tokens", "max_round_tokens", "max_answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -53,38 +53,138 @@ class InterleaveConfig:
 
 @dataclass
 class RoundTrace:
+    """One round: what was prefilled and routed on, what was selected, said and read."""
+
     round: int
-    selected: dict[int, list[int]]  # routing layer -> selected doc ids in this round's prefill
-    generated: str
-    named: list[int] = field(default_factory=list)  # ids the model emitted
-    appended: list[int] = field(default_factory=list)  # ids whose text was appended
+    prompt: list[int]  # the transcript prefilled this round
+    routing_mask: list[bool]  # its routing-query tokens
+    selected: dict[int, list[int]]  # routing layer -> selected doc ids, best first
+    scores: dict[int, list[float]]
+    generated: str = ""  # this round's output (ids, or the answer)
+    named: list[int] = field(default_factory=list)  # ids the model named
+    read: list[int] = field(default_factory=list)  # ids whose texts were appended
 
 
 @dataclass
 class InterleaveResult:
-    answer: str
-    text: str  # everything after the prompt: generated tokens and appended texts
+    answer: str  # only the answer text, "" when the model gave none
     citations: list[Citation]
     rounds: list[RoundTrace]
-    finish_reason: str  # "answer", "eos", "length", "max_rounds" or "context_budget"
+    finish_reason: str  # one of FINISH_REASONS
     version: int | None
     num_tokens: int
+    transcript: str  # everything after the first prompt, for inspection
 
 
-class _Transcript:
-    """Token ids with their routing flags; the prompt length is remembered for `text`."""
+class _Interleave:
+    """The state of one request; `run` steps it round by round."""
 
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.routing: list[bool] = []
-        self.prompt_len = 0
+    def __init__(self, model: MSAForCausalLM, codec: Codec, snap: MemorySnapshot, question: str,
+                 cfg: InterleaveConfig, processor: LogitsProcessor | None, tenant: str):  # fmt: skip
+        self.model, self.codec, self.snap, self.cfg = model, codec, snap, cfg
+        self.processor, self.tenant, self.question = processor, tenant, question
+        self.tr = P.first_prompt(codec, question)
+        head = model.config.memory.template_head_len
+        if len(P.template_head(codec)) != head:
+            raise ValueError(f"this codec's template head is {len(P.template_head(codec))} tokens; the model expects {head}")
+        if len(self.tr) > cfg.max_context_tokens:
+            raise ValueError(f"the prompt is {len(self.tr)} tokens, over max_context_tokens={cfg.max_context_tokens}")
+        self.prompt_len = len(self.tr)
+        self.question_mask = list(self.tr.routing)
+        self.doc_end, self.im_end = codec.token_id(P.DOC_END), codec.token_id(P.IM_END)
+        self.eor = P.end_of_retrieve(codec)
+        self.block = P.question_block(codec, question)
+        self.reserve = cfg.max_round_tokens + len(self.eor) + len(self.block) + cfg.max_answer_tokens
+        self.rounds: list[RoundTrace] = []
+        self.citations: list[Citation] = []
+        self.version: int | None = None
 
-    def add(self, ids: list[int], routing: bool) -> None:
-        self.ids += ids
-        self.routing += [routing] * len(ids)
+    def run(self) -> InterleaveResult:
+        for rnd in range(1, self.cfg.max_rounds + 2):
+            pre, trace = self._prefill(rnd)
+            if self.cfg.mode == "one_round":
+                self.citations = _routed_citations(pre)
+                self.tr.add(self.eor)
+                return self._answer(pre, list(self.eor), "answered")
+            toks, stopped = self._generate(pre, self.cfg.max_round_tokens, (self.doc_end, self.im_end), eor=True)
+            trace.generated = self.codec.decode(toks)
+            self.tr.add(toks)
+            if not stopped:
+                return self._finish("", "token_limit")
+            if toks[-len(self.eor) :] == self.eor:
+                return self._answer(pre, toks[-1:], "answered")
+            if toks[-1] == self.im_end:
+                return self._finish(P.extract_answer(trace.generated), "answered")
+            trace.named = P.parse_doc_ids(trace.generated)
+            if rnd > self.cfg.max_rounds:
+                return self._forced_answer(pre, toks[-1], "round_limit")
+            if not self._read(trace):
+                return self._forced_answer(pre, toks[-1], "context_limit")
+        raise AssertionError("unreachable: round max_rounds + 1 always finishes")
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([self.ids]), torch.tensor([self.routing])
+    def _prefill(self, rnd: int) -> tuple[PrefillOutput, RoundTrace]:
+        ids, mask = torch.tensor([self.tr.ids]), torch.tensor([self.tr.routing])
+        pre = self.model.prefill(ids, self.snap, mask, tenant=self.tenant, last_logits_only=True, reserve=self.reserve)
+        self.version = pre.version
+        trace = RoundTrace(rnd, list(self.tr.ids), list(self.tr.routing), pre.selected, pre.scores)
+        self.rounds.append(trace)
+        return pre, trace
+
+    def _generate(self, pre: PrefillOutput, limit: int, stops: tuple[int, ...], *, eor: bool = False,
+                  logits: torch.Tensor | None = None) -> tuple[list[int], bool]:  # fmt: skip
+        """Greedy tokens until a stop token (or `<End-of-Retrieve>` when `eor`); (tokens, stopped)."""
+        eor_ids = self.eor
+        stop = (lambda toks: toks[-len(eor_ids) :] == eor_ids) if eor else None
+        gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops)
+        first = pre.logits[0, -1] if logits is None else logits
+        toks, why = continue_generation(self.model, pre.context, first, gen_cfg, self.processor, stop=stop)
+        return toks, why == "stop"
+
+    def _read(self, trace: RoundTrace) -> bool:
+        """Append the named documents' texts that fit; False when some were visible but none fit."""
+        texts = self.snap.texts(trace.named)  # drops deleted and other tenants' documents
+        best = _best_scores(trace)
+        appended: list[int] = []
+        for doc_id in trace.named:
+            if doc_id not in texts:
+                continue
+            piece = P.read_text(self.codec, doc_id, texts[doc_id])
+            if len(self.tr) + len(appended) + len(piece) + 1 > self.cfg.max_context_tokens:
+                break
+            appended += piece
+            trace.read.append(doc_id)
+        if not trace.read and any(i in texts for i in trace.named):
+            return False
+        self.citations += [Citation(doc_id=i, round=trace.round, score=best.get(i)) for i in trace.read]
+        # The next round routes on the question and the newest texts only (digest 6.3).
+        self.tr.routing = self.question_mask + [False] * (len(self.tr) - len(self.question_mask))
+        self.tr.add(appended, routing=True).add([self.doc_end])
+        return True
+
+    def _forced_answer(self, pre: PrefillOutput, last: int, reason: str) -> InterleaveResult:
+        self.tr.add(self.eor)
+        return self._answer(pre, [last, *self.eor], reason)
+
+    def _answer(self, pre: PrefillOutput, feed: list[int], reason: str) -> InterleaveResult:
+        """Feed `feed` (tokens not yet in the context) and the question block, then answer."""
+        self.tr.add(self.block)
+        logits = self.model.decode(pre.context, torch.tensor([feed + self.block]))[0, -1]
+        toks, stopped = self._generate(pre, self.cfg.max_answer_tokens, (self.im_end,), logits=logits)
+        self.tr.add(toks)
+        text = self.codec.decode(toks)
+        self.rounds[-1].generated += text
+        return self._finish(P.extract_answer(text), reason if stopped else "token_limit")
+
+    def _finish(self, answer: str, reason: str) -> InterleaveResult:
+        return InterleaveResult(
+            answer=answer,
+            citations=self.citations,
+            rounds=self.rounds,
+            finish_reason=reason,
+            version=self.version,
+            num_tokens=len(self.tr),
+            transcript=self.codec.decode(self.tr.ids[self.prompt_len :]),
+        )
 
 
 def answer_with_memory(
@@ -96,99 +196,23 @@ def answer_with_memory(
     tenant: str = DEFAULT_TENANT,
     processor: LogitsProcessor | None = None,
 ) -> InterleaveResult:
-    """Answer `question` with multi-round retrieval over one memory snapshot. Greedy decoding."""
-    if not question.strip():
-        raise ValueError("question is empty")
-    snap = memory.snapshot(tenant) if hasattr(memory, "snapshot") else memory
-    head = codec.encode(cfg.template_head)
-    tmpl = model.config.memory.template_head_len
-    if len(head) != tmpl:
-        raise ValueError(f"template head {cfg.template_head!r} is {len(head)} tokens; the model expects {tmpl}")
-    tr = _Transcript()
-    tr.add(head, False)
-    question_ids = codec.encode(cfg.instruction + question + "\n" + cfg.return_docs)
-    tr.add(question_ids, True)
-    tr.add(codec.encode(cfg.prompt_end + cfg.response_head), False)
-    if len(tr.ids) > cfg.max_context_tokens:
-        raise ValueError(f"the prompt is {len(tr.ids)} tokens, over max_context_tokens={cfg.max_context_tokens}")
-    question_mask = list(tr.routing)
-    tr.prompt_len = len(tr.ids)
-    doc_end, eos = codec.token_id(cfg.doc_end), codec.token_id(cfg.eos)
-    eor = codec.encode(cfg.end_of_retrieve)
-    block = codec.encode(cfg.question_block.format(question=question))
-    reserve = cfg.max_round_tokens + len(eor) + len(block) + cfg.max_answer_tokens
-    rounds: list[RoundTrace] = []
-    citations: list[Citation] = []
-    done = lambda toks: cfg.end_of_retrieve in codec.decode(toks)  # noqa: E731
-
-    for rnd in range(1, cfg.max_rounds + 2):
-        ids, mask = tr.tensors()
-        pre = model.prefill(ids, snap, mask, tenant=tenant, last_logits_only=True, reserve=reserve)
-        best = _best_scores(pre.scores, pre.selected)
-        round_cfg = GenerationConfig(max_new_tokens=cfg.max_round_tokens, stop_token_ids=(doc_end, eos))
-        toks, _ = continue_generation(model, pre.context, pre.logits[0, -1], round_cfg, processor, stop=done)
-        text = codec.decode(toks)
-        trace = RoundTrace(round=rnd, selected=pre.selected, generated=text)
-        rounds.append(trace)
-        tr.add(toks, False)
-
-        def finish(prefix: list[int], reason: str) -> InterleaveResult:
-            feed = toks[-1:] + prefix + block  # the last generated token is not in the context yet
-            logits = model.decode(pre.context, torch.tensor([feed]))[0, -1]
-            tr.add(prefix + block, False)
-            ans_cfg = GenerationConfig(max_new_tokens=cfg.max_answer_tokens, stop_token_ids=(eos,))
-            ans, why = continue_generation(model, pre.context, logits, ans_cfg, processor)
-            tr.add(ans, False)
-            final = "answer" if reason == "answer" and why == "stop" else (reason if reason != "answer" else "length")
-            return _result(codec, cfg, tr, ans, citations, rounds, final, pre.version)
-
-        if cfg.end_of_retrieve in text:
-            return finish([], "answer")
-        if toks[-1] != doc_end:  # EOS or the round's token limit: the text is the answer
-            reason = "eos" if toks[-1] == eos else "length"
-            return _result(codec, cfg, tr, toks, citations, rounds, reason, pre.version)
-        trace.named = sorted({int(m) for m in _ID.findall(text)})
-        if rnd > cfg.max_rounds:
-            return finish(eor, "max_rounds")
-        texts = snap.texts(trace.named)  # drops deleted and other tenants' documents
-        appended, kept = [], []
-        for doc_id in trace.named:
-            if doc_id not in texts:
-                continue
-            piece = codec.encode(f"[{doc_id}]. {texts[doc_id]}\n")
-            if len(tr.ids) + len(appended) + len(piece) + 1 > cfg.max_context_tokens:
-                break
-            appended += piece
-            kept.append(doc_id)
-        if trace.named and not kept and any(i in texts for i in trace.named):
-            return finish(eor, "context_budget")
-        trace.appended = kept
-        citations += [Citation(doc_id=i, round=rnd, score=best.get(i)) for i in kept]
-        tr.routing = question_mask + [False] * (len(tr.ids) - len(question_mask))  # route on question + newest texts
-        tr.add(appended, True)
-        tr.add([doc_end], False)
-    raise AssertionError("unreachable: the loop returns by max_rounds + 1")
+    """Answer `question` over one memory snapshot with greedy decoding (see the module docstring)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question is empty: {question!r}")
+    snap = memory.snapshot(tenant) if isinstance(memory, MemoryBackend) else memory
+    return _Interleave(model, codec, snap, question, cfg, processor, tenant).run()
 
 
-def _best_scores(scores: dict[int, list[float]], selected: dict[int, list[int]]) -> dict[int, float]:
+def _best_scores(trace: RoundTrace) -> dict[int, float]:
     best: dict[int, float] = {}
-    for layer, ids in selected.items():
-        for doc_id, s in zip(ids, scores[layer]):
+    for layer, ids in trace.selected.items():
+        for doc_id, s in zip(ids, trace.scores[layer]):
             best[doc_id] = max(s, best.get(doc_id, float("-inf")))
     return best
 
 
-def _result(codec, cfg, tr, answer_ids, citations, rounds, reason, version) -> InterleaveResult:
-    text = codec.decode(answer_ids)
-    if cfg.answer_prefix in text:
-        text = text.rsplit(cfg.answer_prefix, 1)[1]
-    answer = text.replace(cfg.eos, "").strip()
-    return InterleaveResult(
-        answer=answer,
-        text=codec.decode(tr.ids[tr.prompt_len :]),
-        citations=citations,
-        rounds=rounds,
-        finish_reason=reason,
-        version=version,
-        num_tokens=len(tr.ids),
-    )
+def _routed_citations(pre: PrefillOutput) -> list[Citation]:
+    """One-round mode reads no text: it cites the documents routing attended to, best score first."""
+    trace = RoundTrace(1, [], [], pre.selected, pre.scores)
+    best = _best_scores(trace)
+    return [Citation(doc_id=i, round=1, score=s) for i, s in sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))]

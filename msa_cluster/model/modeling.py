@@ -3,6 +3,12 @@
 Legend: B batch, T tokens, H query heads, Hkv kv heads, D head dim, M hidden size,
 V vocab, C pooled chunks, P chunk size (pooling_kernel_size), k top_k_docs.
 
+One code path for inference and training: `encode_pooled` and `run_prefill` are plain functions
+that autograd can run through (training calls them with grad enabled); `encode_documents` and
+`prefill` are the inference entry points that run the same functions under `inference_mode`.
+With grad enabled the pure-PyTorch kernel references are used (the Triton kernels have no
+backward); on CPU that is what inference runs too.
+
 Positions (digest 3): a memory document is encoded alone at positions 0..len-1. A prompt's
 template head (the first `template_head_len` tokens, `<|im_start|>user\\n` for MSA-4B) takes
 positions 0..2; prompt token i >= 3 takes 3 + k + (i - 3), whatever the number of chunks.
@@ -10,8 +16,10 @@ positions 0..2; prompt token i >= 3 takes 3 + k + (i - 3), whatever the number o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +28,8 @@ from transformers import PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from msa_cluster.kernels import chunk_mean, gathered_attention, num_chunks, prepare_queries
+from msa_cluster.kernels.attention import gathered_attention_ref
+from msa_cluster.kernels.pooling import chunk_mean_ref
 from msa_cluster.model.config import MSAConfig
 from msa_cluster.model.context import LayerContext, SparseContext
 from msa_cluster.model.layers import MSADecoderLayer
@@ -88,16 +98,19 @@ class MSAForCausalLM(PreTrainedModel):
     # ------------------------------------------------------------------ helpers
     @property
     def routing_layers(self) -> tuple[int, ...]:
-        return self.config.routing_layers
+        return tuple(int(i) for i in self.config.routing_layers)
 
     def fingerprint(self) -> ModelFingerprint:
-        return self.config.fingerprint(str(self.dtype).removeprefix("torch."))
+        fp: ModelFingerprint = self.config.fingerprint(str(self.dtype).removeprefix("torch."))
+        return fp
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor):
-        return self.model.rotary_emb(x, positions)
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.model.rotary_emb(x, positions)
+        return cos, sin
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(x)).float()
+        out: torch.Tensor = self.lm_head(self.model.norm(x))
+        return out.float()
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
@@ -137,7 +150,7 @@ class MSAForCausalLM(PreTrainedModel):
             while end < n and (end - start + 1) * len(docs[order[end]]) <= batch_tokens:
                 end += 1
             batch = order[start:end]
-            for i, (k, v, rk) in zip(batch, self._encode_batch([docs[i] for i in batch])):
+            for i, (k, v, rk) in zip(batch, self.encode_pooled([docs[i] for i in batch])):
                 out[i] = EncodedDocument(
                     doc_id=ids[i],
                     keys=k,
@@ -152,8 +165,10 @@ class MSAForCausalLM(PreTrainedModel):
             start = end
         return out  # type: ignore[return-value]
 
-    def _encode_batch(self, docs: list[Sequence[int]]):
-        """Right-padded batch [B, T]; padding sits after every real token, so causal attention
+    def encode_pooled(self, docs: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Pooled (K, V, router K) of each document, each [R, C, Hkv, D], differentiable.
+
+        One right-padded batch [B, T]: padding sits after every real token, so causal attention
         never lets a real token see it. Stops after the last routing layer's projections."""
         dev = self.device
         B, T = len(docs), max(len(d) for d in docs)
@@ -166,14 +181,15 @@ class MSAForCausalLM(PreTrainedModel):
         x = self.model.embed_tokens(ids)
         cos, sin = self._rope(x, torch.arange(T, device=dev).expand(B, T))
         routing, last = set(self.routing_layers), max(self.routing_layers)
-        pooled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        pool = chunk_mean_ref if torch.is_grad_enabled() else chunk_mean
+        pooled: list[list[torch.Tensor]] = []
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = attn.qkv(h, cos, sin)
             if i in routing:
                 feats = [t.reshape(B, T, -1) for t in (k, v, attn.router_k(h, k))]
-                pooled.append(tuple(chunk_mean(f, lengths, P).to(x.dtype) for f in feats))
+                pooled.append([pool(f, lengths, P).to(x.dtype) for f in feats])
             if i == last:
                 break
             o = F.scaled_dot_product_attention(
@@ -184,8 +200,8 @@ class MSAForCausalLM(PreTrainedModel):
         results = []
         for b, d in enumerate(docs):
             C = num_chunks(len(d), P)
-            stack = [torch.stack([p[j][b, :C] for p in pooled]).view(len(pooled), C, Hkv, D).clone() for j in range(3)]
-            results.append(tuple(stack))
+            k, v, rk = (torch.stack([p[j][b, :C] for p in pooled]).view(len(pooled), C, Hkv, D).clone() for j in range(3))
+            results.append((k, v, rk))
         return results
 
     # ------------------------------------------------------------------ stage 2: prefill
@@ -227,6 +243,21 @@ class MSAForCausalLM(PreTrainedModel):
         selected and every prompt token attends to [template head, their chunks, prompt <= itself].
         `reserve` pre-allocates decode slots.
         """
+        return self.run_prefill(
+            input_ids, memory, routing_mask, tenant=tenant, last_logits_only=last_logits_only, reserve=reserve
+        )
+
+    def run_prefill(
+        self,
+        input_ids: torch.Tensor,
+        memory: MemoryBackend | MemorySnapshot,
+        routing_mask: torch.Tensor,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        last_logits_only: bool = False,
+        reserve: int = 0,
+    ) -> PrefillOutput:
+        """`prefill` without `inference_mode`: differentiable when grad is enabled (training)."""
         self._validate_prompt(input_ids, routing_mask)
         snap = memory.snapshot(tenant) if hasattr(memory, "snapshot") else memory
         dev = self.device
@@ -237,6 +268,7 @@ class MSAForCausalLM(PreTrainedModel):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(x, self.prompt_positions(T).unsqueeze(0))
         route = bool(routing_mask.any())
+        attend = gathered_attention_ref if torch.is_grad_enabled() else gathered_attention
         layers: list[LayerContext] = []
         selected: dict[int, list[ScoredDoc]] = {}
         for i, layer in enumerate(self.model.layers):
@@ -258,7 +290,7 @@ class MSAForCausalLM(PreTrainedModel):
             slots = torch.arange(T, device=dev)
             slots = torch.where(slots < tmpl, slots, slots + C)
             keys, values = ctx.view()
-            o = gathered_attention(q[0], keys, values, slots, attn.scaling)
+            o = attend(q[0], keys, values, slots, attn.scaling)
             x = layer.finish(x, o.unsqueeze(0))
             layers.append(ctx)
         logits = self._logits(x[:, -1:] if last_logits_only else x)
@@ -277,7 +309,7 @@ class MSAForCausalLM(PreTrainedModel):
             version=context.version,
         )
 
-    def _check_chunks(self, keys: torch.Tensor, values: torch.Tensor, layer: int):
+    def _check_chunks(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         want = (self.config.num_key_value_heads, self.config.head_dim)
         if keys.dim() != 3 or tuple(keys.shape[1:]) != want or keys.shape != values.shape:
             raise ValueError(f"memory returned chunks of shape {tuple(keys.shape)} at layer {layer}; expected [C, {want[0]}, {want[1]}]")
@@ -309,13 +341,17 @@ class MSAForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path, *args, dtype=None, device=None, **kwargs) -> MSAForCausalLM:
-        """Load a local MSA-format checkpoint directory (config.json + safetensors), strictly."""
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | os.PathLike[str], *args: Any, dtype: Any = None, device: Any = None, **kwargs: Any
+    ) -> MSAForCausalLM:
+        """Load an MSA-format checkpoint (config.json + safetensors), strictly, from a local
+        directory or by the name of a bundled model (`msa-tiny-random`)."""
         from msa_cluster.model.checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, path, dtype=dtype, device=device, config=kwargs.pop("config", None), **kwargs)
+        model: MSAForCausalLM = load_checkpoint(cls, path, dtype=dtype, device=device, config=kwargs.pop("config", None), **kwargs)
+        return model
 
-    def save_pretrained(self, path, **kwargs) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:  # type: ignore[override]
         """Write config.json and model.safetensors (tied lm_head omitted, as published)."""
         from msa_cluster.model.checkpoint import save_checkpoint
 

@@ -8,29 +8,32 @@ are noise. `scripts/make_tiny_checkpoint.py` regenerates it byte for byte.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from msa_cluster.model.config import MSAConfig
+from msa_cluster.model.protocol import ENDOFTEXT, IM_END
 from msa_cluster.model.tokenizer import ByteTokenizer
 
-__all__ = ["TINY_RANDOM", "tiny_config_dict", "write_tiny_random", "bundled_checkpoint"]
+__all__ = ["TINY_RANDOM", "tiny_config_dict", "write_tiny_random", "bundled_checkpoint", "resolve_checkpoint"]
 
 TINY_RANDOM = "msa-tiny-random"
 
 
-def tiny_config_dict(**overrides) -> dict:
+def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
     """MSA-4B's config.json keys with tiny values (4 layers, routing in the upper half)."""
     tok = ByteTokenizer()
-    cfg = {
+    cfg: dict[str, Any] = {
         "architectures": ["MSAForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": tok.token_id("<|endoftext|>"),
-        "eos_token_id": tok.token_id("<|im_end|>"),
+        "bos_token_id": tok.token_id(ENDOFTEXT),
+        "eos_token_id": tok.token_id(IM_END),
         "head_dim": 16,
         "hidden_act": "silu",
         "hidden_size": 64,
@@ -78,7 +81,7 @@ def tiny_config_dict(**overrides) -> dict:
     return cfg
 
 
-def write_tiny_random(path: str | Path, seed: int = 0, **overrides) -> Path:
+def write_tiny_random(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Write config.json (published key layout), model.safetensors and the tokenizer to `path`."""
     from msa_cluster.model.modeling import MSAForCausalLM
 
@@ -97,3 +100,14 @@ def write_tiny_random(path: str | Path, seed: int = 0, **overrides) -> Path:
 def bundled_checkpoint(name: str = TINY_RANDOM) -> Path:
     """Path of a checkpoint shipped inside the package."""
     return Path(str(resources.files("msa_cluster") / "assets" / name))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory from a local path or the name of a bundled model (e.g. `msa-tiny-random`)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, str) and "/" not in name_or_path and bundled_checkpoint(name_or_path).is_dir():
+        return bundled_checkpoint(name_or_path)
+    bundled = sorted(p.name for p in bundled_checkpoint("").iterdir() if p.is_dir())
+    raise FileNotFoundError(f"{name_or_path!r} is neither a checkpoint directory nor a bundled model {bundled}")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from msa_cluster.model import InProcessMemory
+from msa_cluster.model import protocol as P
 from msa_cluster.model.interleave import InterleaveConfig, answer_with_memory
 from msa_cluster.model.tokenizer import ByteTokenizer
 from tests.model.helpers import make_model
@@ -12,11 +13,16 @@ TOK = ByteTokenizer()
 TEXTS = ["alpha facts", "bravo facts", "charlie facts", "delta facts", "echo facts"]
 
 
+IDS = lambda *ids: P.retrieval_output(TOK, list(ids))  # noqa: E731
+EOR = [TOK.token_id(P.END_OF_RETRIEVE)]
+ANS = lambda a: P.answer_output(TOK, a)  # noqa: E731
+
+
 class Script:
     """Forces a fixed token sequence, one token per generation step (a scripted model)."""
 
-    def __init__(self, text: str):
-        self.tokens = TOK.encode(text)
+    def __init__(self, *parts: list[int]):
+        self.tokens = [t for part in parts for t in part]
         self.i = 0
 
     def __call__(self, generated, logits):
@@ -50,20 +56,22 @@ def model():
 
 @pytest.fixture(scope="module")
 def memory(model):
-    docs = [TOK.encode(f"<|im_start|>[{i}]. {t}[{i}]<|im_end|>") for i, t in enumerate(TEXTS)]
+    docs = [P.encode_document(TOK, i, t) for i, t in enumerate(TEXTS)]
     return InProcessMemory.from_documents(model, docs, texts=TEXTS, tenants=["a", "a", "a", "b", "a"])
 
 
 def test_two_hop_protocol(model, memory):
     """Round 1 names [2], round 2 names [0], then the answer: texts appended, routing on the newest texts."""
-    script = Script("[2]<|object_ref_end|>[0]<|object_ref_end|><End-of-Retrieve>The answer to the question is: 42<|im_end|>")
+    script = Script(IDS(2), IDS(0), EOR, ANS("42"))
     rec = Recorder(memory.snapshot("a"))
     res = answer_with_memory(model, TOK, rec, "what is it?", InterleaveConfig(max_round_tokens=32), processor=script)
-    assert res.answer == "42" and res.finish_reason == "answer"
+    assert res.answer == "42" and res.finish_reason == "answered"
     assert [(c.doc_id, c.round) for c in res.citations] == [(2, 1), (0, 2)]
-    assert [r.appended for r in res.rounds] == [[2], [0], []]
-    assert "[2]. charlie facts\n<|object_ref_end|>[0]<|object_ref_end|>[0]. alpha facts\n<|object_ref_end|>" in res.text
-    assert "<|im_start|>The user's question is: what is it?\n<|object_ref_end|>The answer to the question is: 42" in res.text
+    assert [r.read for r in res.rounds] == [[2], [0], []]
+    assert "[2]. charlie facts\n<|object_ref_end|>[0]<|object_ref_end|>[0]. alpha facts\n<|object_ref_end|>" in res.transcript
+    assert "<|im_start|>The user's question is: what is it?\n<|object_ref_end|>The answer to the question is: 42" in res.transcript
+    assert [r.routing_mask for r in res.rounds] == [m[0].tolist() for m in rec.masks[::2]]  # the trace is what routed
+    assert res.rounds[1].prompt[: len(res.rounds[0].prompt)] == res.rounds[0].prompt
     # 3 prefills x 2 routing layers; round 2 routes on the question plus exactly the appended text of doc 2.
     assert len(rec.masks) == 6
     first, second, third = rec.masks[0][0], rec.masks[2][0], rec.masks[4][0]
@@ -75,37 +83,39 @@ def test_two_hop_protocol(model, memory):
 
 def test_other_tenant_and_unknown_ids_are_not_appended(model, memory):
     """Ids of another tenant's document (3) or of no document (99) are never appended or cited."""
-    script = Script("[3][99][1]<|object_ref_end|><End-of-Retrieve>The answer to the question is: x<|im_end|>")
+    script = Script(IDS(3, 99, 1), EOR, ANS("x"))
     res = answer_with_memory(model, TOK, memory, "q", processor=script, tenant="a")
-    assert res.rounds[0].named == [1, 3, 99] and res.rounds[0].appended == [1]
-    assert [c.doc_id for c in res.citations] == [1] and "delta" not in res.text
+    assert res.rounds[0].named == [1, 3, 99] and res.rounds[0].read == [1]
+    assert [c.doc_id for c in res.citations] == [1] and "delta" not in res.transcript
 
 
 def test_max_rounds_is_enforced(model, memory):
     """A model that names documents for ever is stopped after max_rounds and made to answer."""
-    script = Script("[1]<|object_ref_end|>" * 10)
+    script = Script(*[IDS(1)] * 10)
     res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=2, max_answer_tokens=3), processor=script, tenant="a")
-    assert res.finish_reason == "max_rounds" and len(res.rounds) == 3
+    assert res.finish_reason == "token_limit" and len(res.rounds) == 3  # the forced answer ran out of tokens
     assert [c.round for c in res.citations] == [1, 2]
-    assert "<End-of-Retrieve><|im_start|>The user's question is: q" in res.text
+    assert "<End-of-Retrieve><|im_start|>The user's question is: q" in res.transcript
+    script = Script(*[IDS(1)] * 3, ANS("z"))
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=2), processor=script, tenant="a")
+    assert res.finish_reason == "round_limit" and res.answer == "z"
 
 
 def test_context_budget_is_enforced(model, memory):
     """Texts that would push the transcript past max_context_tokens are not appended."""
-    script = Script("[0][1]<|object_ref_end|><End-of-Retrieve>x<|im_end|>")
-    cfg = InterleaveConfig()
-    prompt_len = 3 + len(TOK.encode(cfg.instruction + "q\n" + cfg.return_docs + cfg.prompt_end + cfg.response_head))
-    generated = len(TOK.encode("[0][1]<|object_ref_end|>"))
+    script = Script(IDS(0, 1), EOR, ANS("x"))
+    prompt_len = len(P.first_prompt(TOK, "q"))
+    generated = len(IDS(0, 1))
     budget = prompt_len + generated + len(TOK.encode("[0]. alpha facts\n")) + 1  # room for doc 0 only
     res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=budget), processor=script, tenant="a")
-    assert res.rounds[0].appended == [0]
+    assert res.rounds[0].read == [0]
     with pytest.raises(ValueError, match="max_context_tokens"):
         answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=10), processor=script)
 
 
 def test_citations_carry_routing_scores(model, memory):
     """A cited document that routing selected carries its best routing score of that round."""
-    script = Script("[2]<|object_ref_end|><End-of-Retrieve>y<|im_end|>")
+    script = Script(IDS(2), EOR, ANS("y"))
     res = answer_with_memory(model, TOK, memory, "charlie?", processor=script, tenant="a")
     sel = res.rounds[0].selected
     if any(2 in s for s in sel.values()):
@@ -116,8 +126,25 @@ def test_citations_carry_routing_scores(model, memory):
 
 def test_plain_answer_without_retrieval(model, memory):
     """A model that answers straight away (EOS) returns its text as the answer."""
-    res = answer_with_memory(model, TOK, memory, "q", processor=Script("hello<|im_end|>"))
-    assert res.answer == "hello" and res.finish_reason == "eos" and res.citations == []
+    res = answer_with_memory(model, TOK, memory, "q", processor=Script(TOK.encode("hello"), [TOK.token_id(P.IM_END)]))
+    assert res.answer == "hello" and res.finish_reason == "answered" and res.citations == []
+
+
+def test_token_limit_gives_no_answer(model, memory):
+    """A round that runs out of tokens without ids or an answer ends with token_limit and an empty answer."""
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_round_tokens=4), processor=Script(TOK.encode("abcdefgh")))
+    assert res.finish_reason == "token_limit" and res.answer == "" and res.rounds[0].generated == "abcd"
+
+
+def test_one_round_mode_routes_once_and_reads_nothing(model, memory):
+    """one_round: a single prefill, no text read, the answer generated straight from routed memory."""
+    rec = Recorder(memory.snapshot("a"))
+    res = answer_with_memory(model, TOK, rec, "q", InterleaveConfig(mode="one_round"), processor=Script(ANS("7")))
+    assert res.answer == "7" and res.finish_reason == "answered" and len(res.rounds) == 1
+    assert len(rec.masks) == len(model.config.routing_layers) and res.rounds[0].read == []
+    assert res.transcript.startswith("<End-of-Retrieve><|im_start|>The user's question is: q\n<|object_ref_end|>")
+    routed = {d for ids in res.rounds[0].selected.values() for d in ids}
+    assert {c.doc_id for c in res.citations} == routed
 
 
 def test_bad_settings(model, memory):
@@ -126,3 +153,5 @@ def test_bad_settings(model, memory):
         answer_with_memory(model, TOK, memory, "  ")
     with pytest.raises(ValueError, match="max_rounds"):
         InterleaveConfig(max_rounds=0)
+    with pytest.raises(ValueError, match="mode"):
+        InterleaveConfig(mode="twice")
