@@ -15,6 +15,10 @@ import torch
 
 __all__ = [
     "DEFAULT_TENANT",
+    "Similarity",
+    "HeadReduce",
+    "QueryReduce",
+    "ChunkReduce",
     "EncodedDocument",
     "ModelFingerprint",
     "RoutingSpec",

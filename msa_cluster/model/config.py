@@ -12,12 +12,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen3Config
 
-from msa_cluster.types import ModelFingerprint, RoutingSpec
+from msa_cluster.types import ChunkReduce, HeadReduce, ModelFingerprint, QueryReduce, RoutingSpec, Similarity
 
 __all__ = ["MSAConfig", "MemoryConfig", "parse_router_layers"]
 
@@ -128,9 +128,9 @@ class MSAConfig(Qwen3Config):
 
     msa_config: dict | None = None
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
@@ -138,6 +138,11 @@ class MSAConfig(Qwen3Config):
         memory = MemoryConfig.from_dict(self.msa_config)
         parse_router_layers(memory.router_layer_idx, self.num_hidden_layers)
         self.msa_config = memory.to_dict()
+
+    @property
+    def kv_heads(self) -> int:
+        """num_key_value_heads as an int (Qwen3Config fills it from num_attention_heads when unset)."""
+        return int(self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads)
 
     @property
     def memory(self) -> MemoryConfig:
@@ -149,13 +154,13 @@ class MSAConfig(Qwen3Config):
 
     def routing_spec(self) -> RoutingSpec:
         m = self.memory
-        return RoutingSpec(
-            similarity=m.resolved_similarity,
-            head_reduce=m.head_reduce_method,
-            query_reduce=m.query_reduce_method,
-            chunk_reduce=m.chunk_reduce_method,
+        return RoutingSpec(  # MemoryConfig validated each of these against the allowed values
+            similarity=cast(Similarity, m.resolved_similarity),
+            head_reduce=cast(HeadReduce, m.head_reduce_method),
+            query_reduce=cast(QueryReduce, m.query_reduce_method),
+            chunk_reduce=cast(ChunkReduce, m.chunk_reduce_method),
             num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
+            num_kv_heads=self.kv_heads,
         )
 
     def routing_scale(self) -> float:
@@ -179,7 +184,7 @@ class MSAConfig(Qwen3Config):
             config_hash=hashlib.sha256(blob).hexdigest(),
             routing_layers=self.routing_layers,
             dtype=dtype,
-            num_kv_heads=self.num_key_value_heads,
+            num_kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             chunk_size=self.memory.pooling_kernel_size,
         )

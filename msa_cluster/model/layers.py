@@ -23,7 +23,8 @@ __all__ = ["MSAAttention", "MSADecoderLayer", "apply_rope"]
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, heads, D]; cos, sin: [B, T, D] -> rotated x (Qwen3's rotate-half convention)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+    out: torch.Tensor = x * cos + rotate_half(x) * sin
+    return out
 
 
 class MSAAttention(nn.Module):
@@ -32,7 +33,7 @@ class MSAAttention(nn.Module):
         self.layer_idx = layer_idx
         self.routing = routing
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         M, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -49,7 +50,7 @@ class MSAAttention(nn.Module):
             self.router_q_proj = nn.Sequential(nn.Linear(M, H * D, bias=False))
             self.router_k_proj = nn.Sequential(nn.Linear(M, Hkv * D, bias=False))
 
-    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [B, T, M] -> q [B, T, H, D], k [B, T, Hkv, D] (post-norm, post-RoPE), v [B, T, Hkv, D]."""
         B, T, _ = h.shape
         q = self.q_norm(self.q_proj(h).view(B, T, self.num_heads, self.head_dim))
@@ -62,14 +63,16 @@ class MSAAttention(nn.Module):
         if not self.decoupled:
             return q
         B, T, _ = h.shape
-        return self.router_q_proj(h).view(B, T, self.num_heads, self.head_dim)
+        rq: torch.Tensor = self.router_q_proj(h).view(B, T, self.num_heads, self.head_dim)
+        return rq
 
     def router_k(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Routing key [B, T, Hkv, D]: router_k_proj(h), or the attention's k."""
         if not self.decoupled:
             return k
         B, T, _ = h.shape
-        return self.router_k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        rk: torch.Tensor = self.router_k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        return rk
 
 
 class MSADecoderLayer(nn.Module):
@@ -86,4 +89,5 @@ class MSADecoderLayer(nn.Module):
         """x: [B, T, M]; attn: [B, T, H, D] attention output before o_proj -> next hidden state."""
         B, T = attn.shape[:2]
         x = x + self.self_attn.o_proj(attn.reshape(B, T, -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out

@@ -79,6 +79,7 @@ def test_scale_up_and_online_changes(cluster, model, docs):
 def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     """A GeneratorActor (concurrent requests, batched routing) and an EncoderActor agree with local runs."""
     from msa_cluster.actors.model_actors import EncoderActor, GeneratorActor
+    from msa_cluster.model import protocol
     from msa_cluster.model.tokenizer import ByteTokenizer
 
     model.save_pretrained(tmp_path)
@@ -87,7 +88,7 @@ def test_generator_and_encoder_actors(cluster, model, docs, tmp_path):
     rows = [{"id": 900 + i, "text": f"note number {i}", "tenant": "acme", "metadata": {"k": str(i)}} for i in range(3)]
     remote_docs = ray.get(enc.encode.remote(rows), timeout=300)
     tok = ByteTokenizer()
-    local_docs = model.encode_documents([tok.encode(f"<|im_start|>[{r['id']}]. {r['text']}[{r['id']}]<|im_end|>") for r in rows],
+    local_docs = model.encode_documents([protocol.encode_document(tok, r["id"], r["text"]) for r in rows],
                                         doc_ids=[r["id"] for r in rows])
     for a, b in zip(remote_docs, local_docs):
         torch.testing.assert_close(a.router_keys, b.router_keys, atol=1e-6, rtol=1e-6)

@@ -113,15 +113,21 @@ def test_context_budget_is_enforced(model, memory):
         answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=10), processor=script)
 
 
-def test_citations_carry_routing_scores(model, memory):
-    """A cited document that routing selected carries its best routing score of that round."""
-    script = Script(IDS(2), EOR, ANS("y"))
-    res = answer_with_memory(model, TOK, memory, "charlie?", processor=script, tenant="a")
-    sel = res.rounds[0].selected
-    if any(2 in s for s in sel.values()):
-        assert isinstance(res.citations[0].score, float)
-    else:
-        assert res.citations[0].score is None
+def test_citations_carry_routing_scores():
+    """A named document that routing selected cites its best score over layers; one it did not select cites None."""
+    model = make_model(seed=41, chunk=64, top_k=1)
+    docs = [P.encode_document(TOK, i, t) for i, t in enumerate(TEXTS)]
+    memory = InProcessMemory.from_documents(model, docs, texts=TEXTS, tenants=["a", "a", "a", "b", "a"])
+    probe = answer_with_memory(model, TOK, memory, "charlie?", processor=Script(IDS(0), EOR, ANS("y")), tenant="a")
+    trace = probe.rounds[0]
+    selected = {d for ids in trace.selected.values() for d in ids}
+    tenant_a = {0, 1, 2, 4}
+    assert selected and tenant_a - selected, "the fixture must select some of tenant a's documents and not others"
+    hit, miss = min(selected), min(tenant_a - selected)
+    best = max(s for layer, ids in trace.selected.items() for d, s in zip(ids, trace.scores[layer]) if d == hit)
+    res = answer_with_memory(model, TOK, memory, "charlie?", processor=Script(IDS(hit, miss), EOR, ANS("y")), tenant="a")
+    cited = {c.doc_id: c.score for c in res.citations}
+    assert cited[hit] == best and cited[miss] is None
 
 
 def test_plain_answer_without_retrieval(model, memory):
