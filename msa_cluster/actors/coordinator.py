@@ -304,17 +304,18 @@ class Coordinator:
         self._refuse_with_backlog()
         if not docs:
             return
-        chunks = dict(self._chunks)  # the backlog is empty here: _refuse_with_backlog synced
-        chunks.update({d.doc_id: d.num_chunks for d in docs})
-        loads = [0] * len(self._routers)
-        for d, s in self._placement.items():
-            loads[s] += self._chunks.get(d, 0)
-        before = list(loads)
-        changed = {d.doc_id for d in docs} | (set(chunks) - set(self._chunks))
-        for d in changed & set(self._placement):  # a new version of a placed document stays where it is
-            loads[self._placement[d]] += chunks[d]
-        _place([d for d in changed if d not in self._placement], chunks, loads, dict(self._placement))
-        extra = [loads[i] - before[i] for i in range(len(loads))]
+        # The backlog is empty here (_refuse_with_backlog synced): only these documents are new.
+        new = {d.doc_id: d.num_chunks for d in docs}
+        extra = [0] * len(self._routers)
+        for d, c in new.items():  # a new version of a placed document stays where it is
+            if d in self._placement:
+                extra[self._placement[d]] += c
+        fresh = {d: c for d, c in new.items() if d not in self._placement}
+        loads = [a + b for a, b in zip(self._loads(), extra)]
+        placed: dict[int, int] = {}
+        _place(fresh, fresh, loads, placed)
+        for d, s in placed.items():
+            extra[s] += fresh[d]
         room = gather([submit(r, "headroom_bytes") for r in self._routers], self.timeout_s)
         row = _chunk_bytes(docs[0])
         for i, (free, need) in enumerate(zip(room, extra)):
@@ -372,6 +373,13 @@ class Coordinator:
         view = self.view()
         return fetch_texts(view, doc_ids, tenant, view.version if version is None else version)
 
+    def _loads(self) -> list[int]:
+        """Chunks placed on each shard at the served version."""
+        loads = [0] * len(self._routers)
+        for d, s in self._placement.items():
+            loads[s] += self._chunks.get(d, 0)
+        return loads
+
     def ready(self) -> int:
         """The version served (-1 while starting or recovering): also a liveness probe."""
         return self.version
@@ -382,9 +390,7 @@ class Coordinator:
 
     def status(self) -> ClusterStatus:
         with self._lock:
-            loads = [0] * len(self._routers)
-            for d, s in self._placement.items():
-                loads[s] += self._chunks.get(d, 0)
+            loads = self._loads()
             shards = tuple(ShardState(i, *self._acked[i], sum(1 for s in self._placement.values() if s == i))
                            if self._acked.get(i) == (self.version, self.epoch) else None for i in range(len(self._routers)))
             return ClusterStatus(self.version, self.epoch, self._latest(), self.refused[0] if self.refused else None,

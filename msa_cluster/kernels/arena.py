@@ -224,12 +224,6 @@ class RouterArena:
     def payload(self, i: int) -> Any:
         return self._payload[i]
 
-    def keys_of(self, i: int) -> torch.Tensor:
-        """[R, C, Hkv, D] router keys of entry i (a view)."""
-        assert self._keys is not None
-        start = int(self._cols["count"][:i].sum())
-        return self._keys[:, start : start + int(self._cols["count"][i])]
-
     # ------------------------------------------------------------------ storage
     def _new_entry(self, doc_id: int, count: int, version: int, epoch: int, payload: Any) -> int:
         if self._n == len(self._retired):
