@@ -68,7 +68,24 @@ def test_scale_up_and_online_changes(cluster, model, docs):
     status = cluster.status()
     assert status.documents == len(docs) - 3 and len(status.shards) == 2 and all(status.shards)
     assert status.version == status.store_version and status.refused_version is None
+    # A commit by another writer (an ingestion job) is served by the coordinator's poll, with no sync call.
+    from msa_cluster.storage_adapters import MemoryStore
+
+    writer = MemoryStore.open(cluster.store_url, model.fingerprint())
+    [new_id] = writer.allocate_ids("acme", count=1)
+    committed = writer.insert(model.encode_documents([random_prompt(model, 70, seed=11)[0][0].tolist()],
+                                                     doc_ids=[new_id], tenants=["acme"])).version
+    deadline = time.monotonic() + 5 * cluster.spec.poll_s + 10
+    while (served := cluster.status().version) < committed:
+        assert time.monotonic() < deadline, f"serving {served}, not the external commit {committed}"
+        time.sleep(0.5)
+    writer.delete([new_id], tenant="acme")
+    status = cluster.status()
     # The same figures reach Prometheus through Ray's metrics agents (exported every few seconds).
+    deadline = time.monotonic() + 5 * cluster.spec.poll_s + 10
+    while (status := cluster.status()).version != status.store_version:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     want = {"served_version": status.version, "store_version": status.store_version, "refused_version": -1}
     deadline = time.monotonic() + 60
     while (got := _scrape_gauges(cluster.spec.name)) != want:
