@@ -35,7 +35,9 @@ __all__ = [
     "StaleShardError",
     "UnknownDocumentError",
     "DocumentExistsError",
+    "LimitExceededError",
     "ContextTooLargeError",
+    "QuotaExceededError",
     "check_tenant",
     "routing_row",
 ]
@@ -88,17 +90,25 @@ class DocumentExistsError(MSAMemoryError, ValueError):
     """A write names a live document (or client id) of the same tenant with other content, without replace."""
 
 
-class ContextTooLargeError(MSAMemoryError, ValueError):
-    """A request would exceed a context bound (e.g. `max_chunks_per_query`); raised before any allocation.
-
-    `limit` names the bound, `maximum` is its value and `requested` what the request needed. Not retryable
-    as is: the Serve API answers 422 with the message.
-    """
+class LimitExceededError(MSAMemoryError):
+    """A request goes over a configured bound. `limit` names it, `maximum` is its value and
+    `requested` what the request needed; the message says all three."""
 
     def __init__(self, limit: str, maximum: int, requested: int, detail: str = ""):
         self.limit, self.maximum, self.requested = limit, maximum, requested
         msg = f"{limit}={maximum} exceeded: this request needs {requested}"
         super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class ContextTooLargeError(LimitExceededError, ValueError):
+    """A request would exceed a context bound (e.g. `max_chunks_per_query`); raised before any allocation.
+
+    Not retryable as is: the Serve API answers 422 with the message.
+    """
+
+
+class QuotaExceededError(LimitExceededError):
+    """A write would take a tenant over its quota of stored documents or tokens; nothing was written."""
 
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")

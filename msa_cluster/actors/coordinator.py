@@ -15,6 +15,7 @@ store and from what live shards report, so a restart loses nothing. It:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -27,17 +28,19 @@ from msa_cluster.actors.calls import KVHandle, RouterHandle, gather, submit
 from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts
 from msa_cluster.actors.router_shard import ShardState
 from msa_cluster.storage_adapters import ALL_TENANTS, CommitResult, MemoryStore
-from msa_cluster.storage_adapters.snapshot import unknown_documents
+from msa_cluster.storage_adapters.snapshot import DocInfo, StoreSnapshot, unknown_documents
 from msa_cluster.types import (
     EncodedDocument,
     MemoryFullError,
+    QuotaExceededError,
     Retrieval,
     RoutingQuery,
     ShardUnavailableError,
     SnapshotGoneError,
+    check_tenant,
 )
 
-__all__ = ["Coordinator", "Assignment", "ClusterStatus", "balance"]
+__all__ = ["Coordinator", "Assignment", "ClusterStatus", "TenantQuota", "balance"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,32 @@ class Assignment:
     version: int
     epoch: int
     doc_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """Per-tenant bounds on stored documents and tokens (None: unbounded), checked under the write lock."""
+
+    max_documents: int | None = None
+    max_tokens: int | None = None
+
+    def check(self, snap: StoreSnapshot, docs: Sequence[EncodedDocument]) -> None:
+        """QuotaExceededError if writing `docs` over `snap` would take a tenant over a bound."""
+        usage = snap.usage()
+        by_tenant: dict[str, dict[int, EncodedDocument]] = {}
+        for d in docs:
+            by_tenant.setdefault(d.tenant, {})[d.doc_id] = d
+        for tenant, new in sorted(by_tenant.items()):
+            n, tokens = usage.get(tenant, (0, 0))
+            for doc_id, d in new.items():
+                if snap.holds(doc_id, tenant):
+                    tokens += d.num_tokens - snap.info(doc_id, tenant).num_tokens
+                else:
+                    n, tokens = n + 1, tokens + d.num_tokens
+            for limit, maximum, value in (("max_documents_per_tenant", self.max_documents, n),
+                                          ("max_tokens_per_tenant", self.max_tokens, tokens)):
+                if maximum is not None and value > maximum:
+                    raise QuotaExceededError(limit, maximum, value, f"tenant {tenant!r} would hold {value}; nothing was written")
 
 
 @dataclass(frozen=True)
@@ -260,11 +289,14 @@ class Coordinator:
         """Ids for new documents of `tenant` (see MemoryStore.allocate_ids)."""
         return self.store.allocate_ids(tenant, count=count, client_ids=client_ids)
 
-    def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False) -> CommitResult:
-        """Commit documents and serve them; refused whole (MemoryFullError, nothing committed) without room."""
+    def insert(self, docs: Iterable[EncodedDocument], *, replace: bool = False, quota: TenantQuota | None = None) -> CommitResult:
+        """Commit documents and serve them; refused whole (MemoryFullError, nothing committed) without room,
+        and (QuotaExceededError) when a tenant would go over `quota`."""
         docs = list(docs)
         with self._lock:
             self.store.check_writes(docs, live=False)
+            if quota is not None:
+                quota.check(self.store.snapshot(), docs)
             self._check_room(docs)
             before = self.store.latest_version()
             result = self.store.insert(docs, replace=replace)
@@ -272,11 +304,13 @@ class Coordinator:
                 self._serve_or_undo(result, {d.doc_id: d.tenant for d in docs})
             return result
 
-    def update(self, docs: Iterable[EncodedDocument]) -> CommitResult:
+    def update(self, docs: Iterable[EncodedDocument], *, quota: TenantQuota | None = None) -> CommitResult:
         """Replace live documents of their tenants (UnknownDocumentError for any other id)."""
         docs = list(docs)
         with self._lock:
             self.store.check_writes(docs, live=True)
+            if quota is not None:
+                quota.check(self.store.snapshot(), docs)
             self._check_room(docs)
             result = self.store.update(docs)
             self._serve_or_undo(result, {d.doc_id: d.tenant for d in docs})
@@ -372,6 +406,53 @@ class Coordinator:
     def texts(self, doc_ids: Sequence[int], tenant: str, version: int | None = None) -> dict[int, str]:
         view = self.view()
         return fetch_texts(view, doc_ids, tenant, view.version if version is None else version)
+
+    # ------------------------------------------------------------------ the memory API's reads (store's latest)
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(live documents, their tokens) of `tenant` at the store's latest version."""
+        return self.store.snapshot().usage().get(check_tenant(tenant), (0, 0))
+
+    def documents(self, tenant: str, *, after: int = -1, limit: int = 100) -> list[DocInfo]:
+        """A page of `tenant`'s live documents at the store's latest version: ids > `after`, ascending."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        snap = self.store.snapshot()
+        ids = snap.doc_ids(tenant)
+        start = bisect.bisect_right(ids, after)
+        return [snap.info(i, tenant) for i in ids[start : start + limit]]
+
+    def document(self, doc_id: int, tenant: str) -> tuple[DocInfo, str | None]:
+        """One live document of `tenant` and its text (UnknownDocumentError for any other id)."""
+        snap = self.store.snapshot()
+        info = snap.info(int(doc_id), tenant)
+        return info, snap.texts([info.doc_id], tenant).get(info.doc_id)
+
+    def infos(self, doc_ids: Sequence[int], tenant: str, version: int | None = None) -> dict[int, DocInfo]:
+        """What the store knows of those of `doc_ids` that `tenant` holds at `version` (latest by default)."""
+        snap = self.store.snapshot(version)
+        return {i: snap.info(i, tenant) for i in dict.fromkeys(int(d) for d in doc_ids) if snap.holds(i, tenant)}
+
+    def resolve(self, client_ids: Sequence[str], tenant: str) -> dict[str, int]:
+        """{client id: doc id} of the client ids live for `tenant` at the store's latest version."""
+        return self.store.snapshot().resolve(list(client_ids), tenant)
+
+    def shard_usage(self) -> list[tuple[int, int, int]]:
+        """(documents, tokens, chunks) placed on each shard at the served version (cached per version and epoch)."""
+        with self._lock:
+            key, placement, version = (self.version, self.epoch, len(self._routers)), dict(self._placement), self.version
+        cached = getattr(self, "_usage_cache", None)
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
+        out = [[0, 0, 0] for _ in range(key[2])]
+        if version >= 0:
+            snap = self.store.snapshot(version)
+            for doc_id, shard in placement.items():
+                info = snap.info(doc_id, ALL_TENANTS)
+                row = out[shard]
+                row[0], row[1], row[2] = row[0] + 1, row[1] + info.num_tokens, row[2] + info.num_chunks
+        usage = [(a, b, c) for a, b, c in out]
+        self._usage_cache = (key, usage)
+        return list(usage)
 
     def _loads(self) -> list[int]:
         """Chunks placed on each shard at the served version."""

@@ -14,7 +14,7 @@ import torch
 
 from msa_cluster.model import MSAForCausalLM
 from msa_cluster.model.interleave import InterleaveConfig, InterleaveResult, answer_with_memory
-from msa_cluster.model.memory import MemoryBackend
+from msa_cluster.model.memory import MemoryBackend, MemorySnapshot
 from msa_cluster.model.tokenizer import Codec, load_codec
 from msa_cluster.types import DEFAULT_TENANT
 
@@ -54,9 +54,13 @@ class Generator:
             with self._lock:
                 self._active -= 1
 
-    def answer(self, question: str, tenant: str = DEFAULT_TENANT, config: InterleaveConfig | None = None) -> InterleaveResult:
+    def answer(self, question: str, tenant: str = DEFAULT_TENANT, config: InterleaveConfig | None = None, *,
+               snapshot: MemorySnapshot | None = None, **kw: Any) -> InterleaveResult:
+        """Answer with memory interleave; `snapshot` (default: a new one of `tenant`) pins the memory,
+        `kw` goes to `answer_with_memory` (sampling, on_answer, processor)."""
         with self._request():
-            return answer_with_memory(self.model, self.codec, self.memory, question, config or InterleaveConfig(), tenant=tenant)
+            memory = snapshot if snapshot is not None else self.memory
+            return answer_with_memory(self.model, self.codec, memory, question, config or InterleaveConfig(), tenant=tenant, **kw)
 
     def prefill_selection(self, input_ids: list[int], routing_mask: list[bool], tenant: str = DEFAULT_TENANT) -> dict:
         """Selections and last-token logits of one prefill (for exactness checks and debugging)."""

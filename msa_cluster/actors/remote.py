@@ -53,12 +53,17 @@ class CoordinatorActor(Coordinator):
                  poll_s: float = 2.0):
         super().__init__(store=_open(store_url, fingerprint, storage_options), timeout_s=timeout_s)
         self.cluster, self.namespace = cluster, namespace
+        self._where = {"store_url": store_url, "fingerprint": fingerprint}
         routers, kvs = self._find_shards()
         # A restart: the shards outlived the old coordinator. Recovery runs on the poll thread, not here:
         # restarting shards ask this actor for their assignment while it recovers, so it must answer.
         self._routers, self._kvs = routers, kvs
         self._stop = threading.Event()
         threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="coordinator-poll").start()
+
+    def describe(self) -> dict[str, Any]:
+        """The store this cluster serves and the model fingerprint (for `MemoryCluster.connect`)."""
+        return dict(self._where)
 
     def _find_shards(self) -> tuple[list[Any], list[Any]]:
         routers: list[Any] = []
@@ -80,6 +85,15 @@ class CoordinatorActor(Coordinator):
             ("store_version", "latest committed store version"),
             ("refused_version", "a newer store version the cluster could not hold (-1: none)"),
         )}
+        per_shard = {name: Gauge(f"msa_cluster_{name}", description=text, tag_keys=("cluster", "shard")) for name, text in (
+            ("shard_documents", "documents placed on the shard pair at the served version"),
+            ("shard_tokens", "tokens of the documents placed on the shard pair"),
+            ("shard_chunks", "router-key chunks placed on the shard pair"),
+            ("kv_tier_hits", "K/V RAM-tier hits since the KV shard started"),
+            ("kv_tier_misses", "K/V RAM-tier misses (reads from the store) since the KV shard started"),
+            ("kv_tier_evictions", "K/V RAM-tier evictions since the KV shard started"),
+            ("kv_tier_bytes", "bytes held in the K/V RAM tier"),
+        )}
         wait = 0.0
         while not self._stop.wait(wait):
             wait = every_s or 1.0
@@ -90,8 +104,27 @@ class CoordinatorActor(Coordinator):
                 for name, value in (("served_version", status.version), ("store_version", status.store_version),
                                     ("refused_version", -1 if status.refused_version is None else status.refused_version)):
                     gauges[name].set(value, tags={"cluster": self.cluster})
+                self._export_shards(per_shard)
             except Exception as e:  # the next round retries; a failed poll must not end the thread
                 log.warning("coordinator poll: %s: %s", type(e).__name__, e)
+
+
+    def _export_shards(self, gauges: dict[str, Any]) -> None:
+        """Per-shard documents, tokens and chunks, and each KV shard's RAM-tier counters."""
+        for shard, (docs, tokens, chunks) in enumerate(self.shard_usage()):
+            tags = {"cluster": self.cluster, "shard": str(shard)}
+            for name, value in (("shard_documents", docs), ("shard_tokens", tokens), ("shard_chunks", chunks)):
+                gauges[name].set(value, tags=tags)
+        for shard, kv in enumerate(list(self._kvs)):
+            try:
+                tier = call(kv, "stats", timeout_s=self.timeout_s).get("tier")
+            except Exception as e:  # a shard restarting: its counters are exported on the next poll
+                log.info("kv shard %d stats: %s", shard, e)
+                continue
+            if tier:
+                tags = {"cluster": self.cluster, "shard": str(shard)}
+                for name in ("hits", "misses", "evictions", "bytes"):
+                    gauges[f"kv_tier_{name}"].set(tier[name], tags=tags)
 
 
 @ray.remote

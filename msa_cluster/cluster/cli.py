@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -32,35 +34,170 @@ def _load_corpus(path: str | None) -> list[dict]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Encode a corpus into in-process memory and answer a question, printing the routing."""
-    import torch
+    """The whole system on this machine over HTTP: local Ray, a store, the memory cluster, the Serve app."""
+    from msa_cluster.cluster.demo import SAMPLE_QUESTIONS, run_demo
 
-    from msa_cluster.model import InProcessMemory, MSAForCausalLM
-    from msa_cluster.model.interleave import InterleaveConfig, answer_with_memory
-    from msa_cluster.model.protocol import encode_document
-    from msa_cluster.model.tiny import TINY_RANDOM
-    from msa_cluster.model.tokenizer import load_codec
-
-    ckpt = args.model or TINY_RANDOM
-    model = MSAForCausalLM.from_pretrained(ckpt)
-    codec = load_codec(ckpt)
     rows = _load_corpus(args.corpus)
-    ids = [int(r.get("id", i)) for i, r in enumerate(rows)]
-    wrapped = [encode_document(codec, i, r["text"]) for i, r in zip(ids, rows)]
-    memory = InProcessMemory.from_documents(model, wrapped, texts=[r["text"] for r in rows], doc_ids=ids)
-    print(f"model: {ckpt}")
-    print(f"memory: {len(memory)} documents, {sum(len(w) for w in wrapped)} tokens, version {memory.version}")
-    cfg = InterleaveConfig(
-        mode=args.mode, max_rounds=args.max_rounds, max_round_tokens=args.max_tokens, max_answer_tokens=args.max_tokens
-    )
-    torch.manual_seed(0)
-    result = answer_with_memory(model, codec, memory, args.question, cfg)
-    print(f"question: {args.question}")
-    for trace in result.rounds:
-        for layer, docs in sorted(trace.selected.items()):
-            print(f"round {trace.round} layer {layer}: selected documents {docs}")
-    print(f"answer ({result.finish_reason}): {result.answer!r}")
-    print(f"citations: {[(c.doc_id, c.round, c.score) for c in result.citations]}")
+    questions = args.question or (list(SAMPLE_QUESTIONS) if args.corpus is None else [SAMPLE_QUESTIONS[0]])
+    return run_demo(args.model, questions, max_tokens=args.max_tokens, max_rounds=args.max_rounds, mode=args.mode,
+                    keep=args.keep, corpus=rows)
+
+
+def _app_config(args: argparse.Namespace) -> Any:
+    """The AppConfig of a command: --config YAML < MSA_* environment < flags."""
+    from msa_cluster.cluster.config import load_config
+
+    flags: dict[str, Any] = {"store": args.store, "model": args.model, "host": getattr(args, "host", None),
+                             "port": getattr(args, "port", None)}
+    if getattr(args, "keys_file", None):
+        flags["auth"] = {"keys_file": args.keys_file}
+    if getattr(args, "start_cluster", False):
+        flags["cluster"] = {"start": True}
+    if getattr(args, "create_store", False):
+        flags["create_store"] = True
+    return load_config(args.config, flags)
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Connect to `address` (or a running cluster found by Ray), else start a local one; True if started here."""
+    import ray
+
+    from msa_cluster.cluster.demo import start_local_ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, namespace="msa")
+        return False
+    try:
+        ray.init(address="auto", logging_level=logging.WARNING, namespace="msa")
+        return False
+    except ConnectionError:
+        start_local_ray()
+        return True
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the Serve app (and the memory cluster with --start-cluster) and serve until interrupted."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from msa_cluster.cluster.serve_app import build_app, ensure_cluster
+
+    cfg = _app_config(args)
+    local = _connect_ray(args.address)
+    started = False
+    try:
+        started = ensure_cluster(cfg)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=args.proxy_location)
+        serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+        print(f"serving {cfg.served_model_name} at http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1 "
+              f"(store {cfg.store}); Ctrl-C stops", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        return 0
+    finally:
+        try:
+            serve.delete(cfg.app_name)
+        except Exception as e:  # already gone, or Serve never started
+            logging.getLogger(__name__).info("serve.delete: %s", e)
+        if started and not args.keep_cluster:
+            from msa_cluster.cluster.placement import MemoryCluster
+
+            MemoryCluster.connect(cfg.cluster.spec()).shutdown()
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from openai import OpenAI
+
+    if not args.api_key:
+        raise ValueError("an API key is needed: --api-key or MSA_API_KEY (create one with `msa keys create`)")
+    return OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, timeout=args.timeout, max_retries=1)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Ask a running app a question; print the answer (streamed) and its citations."""
+    from msa_cluster.cluster.demo import _show_citations
+
+    client = _client(args)
+    model = args.model or client.models.list().data[0].id
+    extra: dict[str, Any] = {}
+    if args.top_k:
+        extra["msa_top_k"] = args.top_k
+    if args.max_rounds:
+        extra["msa_max_rounds"] = args.max_rounds
+    if args.mode:
+        extra["msa_mode"] = args.mode
+    kw = dict(model=model, messages=[{"role": "user", "content": args.question}], max_tokens=args.max_tokens,
+              temperature=args.temperature, extra_body=extra)
+    if args.json:
+        resp = client.chat.completions.create(**kw)
+        print(resp.model_dump_json(indent=1))
+        return 0
+    cites, finish = [], None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+            cites = (chunk.model_extra or {}).get("msa_citations", [])
+    print(f"\n[finish: {finish}]\ncitations:\n    {_show_citations(cites)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Routing only: the documents a running app's memory selects for a query, with their scores."""
+    from msa_cluster.cluster.demo import post_json
+
+    if not args.api_key:
+        raise ValueError("an API key is needed: --api-key or MSA_API_KEY (create one with `msa keys create`)")
+    body: dict[str, Any] = {"query": args.query, "include_text": args.text}
+    if args.top_k:
+        body["top_k"] = args.top_k
+    hits = post_json(args.url.rstrip("/") + "/v1/memories/search", args.api_key, body, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(hits, indent=1))
+        return 0
+    for h in hits["data"]:
+        text = f"  {h['text']!r:.100}" if args.text else ""
+        print(f"[{h['id']}] {h.get('client_id') or ''} score={h['score']:.6f} layers={h['layers']} {h.get('source') or ''}{text}")
+    return 0
+
+
+def _keys_file(args: argparse.Namespace) -> str:
+    if args.keys_file:
+        return str(args.keys_file)
+    if args.config:
+        from msa_cluster.cluster.config import load_config
+
+        path = load_config(args.config, {"store": "unused://"}).auth.keys_file
+        if path:
+            return path
+    raise ValueError("which keys file? --keys-file PATH, or --config with auth.keys_file")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Manage API keys (the keys file holds only their hashes)."""
+    from msa_cluster.cluster.keys import create_key, list_keys, revoke_key
+
+    path = _keys_file(args)
+    if args.keys_command == "create":
+        key, entry = create_key(path, args.tenant, name=args.name or "")
+        print(key)
+        print(f"key {entry.id} for tenant {entry.tenant!r} added to {path}; the key is shown only now", file=sys.stderr)
+    elif args.keys_command == "revoke":
+        entry = revoke_key(path, args.key_id)
+        print(f"key {entry.id} of tenant {entry.tenant!r} revoked")
+    else:
+        for k in list_keys(path):
+            state = "revoked" if k.revoked else "active"
+            print(f"{k.id}  {k.tenant}  {state}  {k.name}")
     return 0
 
 
@@ -87,15 +224,72 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="msa", description="msa-cluster: long-term LLM memory with Memory Sparse Attention")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="encode a small corpus and answer a question with the bundled tiny model")
+    demo = sub.add_parser("demo", help="run the whole system locally over HTTP and ask the sample questions",
+                          description="Start Ray on loopback, encode a corpus into a store, start the memory cluster and "
+                                      "the Serve app on 127.0.0.1, ask questions with the openai client, print answers "
+                                      "with citations, and shut everything down.")
     demo.add_argument("--model", help="MSA checkpoint directory or bundled model name (default: msa-tiny-random)")
-    demo.add_argument("--corpus", help="a .jsonl file with one {'id', 'text'} object per line (default: bundled sample)")
-    demo.add_argument("--question", default="When was the father of the lighthouse logbook keeper born?")
-    demo.add_argument("--max-rounds", type=int, default=2)
-    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--corpus", help="a .jsonl file with one {'text', optional 'client_id'} object per line (default: bundled sample)")
+    demo.add_argument("--question", action="append", help="a question to ask (repeatable; default: the sample questions)")
+    demo.add_argument("--max-rounds", type=int, default=2, help="memory-interleave reading rounds")
+    demo.add_argument("--max-tokens", type=int, default=24, help="answer tokens")
     demo.add_argument("--mode", choices=["interleave", "one_round"], default="interleave",
                       help="one_round: route once and answer from routed memory without reading texts")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary store and keys file")
     demo.set_defaults(func=cmd_demo)
+
+    srv = sub.add_parser("serve", help="start the Serve app (OpenAI-compatible chat + memory API) from a config",
+                         description="Start the Serve app and serve until interrupted. Settings: --config YAML < MSA_* "
+                                     "environment variables (MSA_LIMITS__MAX_TOKENS=...) < flags.")
+    srv.add_argument("--config", help="YAML AppConfig (see examples/serve/app.yaml)")
+    srv.add_argument("--store", help="memory store URL (file://, s3://, ...)")
+    srv.add_argument("--model", help="checkpoint directory or bundled model name")
+    srv.add_argument("--keys-file", help="API keys file (msa keys create)")
+    srv.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--address", help="Ray cluster address (default: a running cluster, else a local one)")
+    srv.add_argument("--start-cluster", action="store_true", help="start the memory cluster when none is running")
+    srv.add_argument("--create-store", action="store_true", help="create an empty store when none exists")
+    srv.add_argument("--keep-cluster", action="store_true", help="leave a memory cluster started here running on exit")
+    srv.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly", "Disabled"],
+                     help="where Serve runs HTTP proxies")
+    srv.set_defaults(func=cmd_serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("MSA_URL", "http://127.0.0.1:8000"), help="the app's URL (or MSA_URL)")
+        p.add_argument("--api-key", default=os.environ.get("MSA_API_KEY"), help="API key (or MSA_API_KEY)")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+        p.add_argument("--top-k", type=int, help="documents routed per layer")
+        p.add_argument("--json", action="store_true", help="print the raw JSON response")
+
+    q = sub.add_parser("query", help="ask a running app a question; prints the answer and its citations")
+    q.add_argument("question")
+    client_args(q)
+    q.add_argument("--model", help="model id (default: the app's only model)")
+    q.add_argument("--max-tokens", type=int, default=128)
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--max-rounds", type=int, help="memory-interleave reading rounds")
+    q.add_argument("--mode", choices=["interleave", "one_round"])
+    q.set_defaults(func=cmd_query)
+
+    se = sub.add_parser("search", help="routing only: the documents a running app's memory selects for a query")
+    se.add_argument("query")
+    client_args(se)
+    se.add_argument("--text", action="store_true", help="print the documents' texts too")
+    se.set_defaults(func=cmd_search)
+
+    keys = sub.add_parser("keys", help="create, revoke and list API keys (each maps to one tenant)")
+    keys.add_argument("--keys-file", help="the keys file (default: auth.keys_file of --config)")
+    keys.add_argument("--config", help="YAML AppConfig whose auth.keys_file to use")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant; prints the key once")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--name", help="a label for the key")
+    kr = ksub.add_parser("revoke", help="revoke a key by its id (msa keys list)")
+    kr.add_argument("key_id")
+    ksub.add_parser("list", help="list keys: id, tenant, state, label (never the keys)")
+    keys.set_defaults(func=cmd_keys)
+
     tr = sub.add_parser("train", help="train an MSA model on synthetic memory tasks from a YAML config")
     tr.add_argument("--config", required=True, help="YAML training config (see examples/train/msa-tiny.yaml)")
     tr.add_argument("--output-dir", help="override the config's output_dir")
@@ -110,10 +304,33 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"msa: error: {e}", file=sys.stderr)
-        return 2
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"msa: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError, KeyError)) else 1
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line: the server's message for HTTP errors, the type and message otherwise."""
+    import urllib.error
+
+    if isinstance(e, urllib.error.HTTPError):
+        try:
+            msg = json.loads(e.read() or b"{}").get("error", {}).get("message") or e.reason
+        except ValueError:
+            msg = e.reason
+        return f"HTTP {e.code}: {msg}"
+    body = getattr(e, "body", None)  # openai.APIStatusError
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return f"HTTP {getattr(e, 'status_code', '?')}: {body['message']}"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (ValueError, FileNotFoundError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -95,6 +95,25 @@ class MemoryCluster:
         call(self.coordinator, "attach", self.routers, self.kvs, timeout_s=spec.start_timeout_s)
         return self
 
+    @classmethod
+    def connect(cls, spec: ClusterSpec = ClusterSpec(), storage_options: dict | None = None) -> MemoryCluster:
+        """The running cluster named `spec.name` in `spec.namespace` (ValueError if there is none)."""
+        from ray.util import get_placement_group
+
+        coordinator = ray.get_actor(f"{spec.name}-coordinator", namespace=spec.namespace)
+        info = call(coordinator, "describe", timeout_s=spec.timeout_s)
+        self = cls(spec, info["store_url"], info["fingerprint"], storage_options)
+        self.coordinator = coordinator
+        while True:
+            try:
+                pair = [ray.get_actor(n, namespace=spec.namespace) for n in shard_names(spec.name, len(self.routers))]
+            except ValueError:
+                break
+            self.groups.append(get_placement_group(f"{spec.name}-pair-{len(self.routers)}"))
+            self.routers.append(pair[0])
+            self.kvs.append(pair[1])
+        return self
+
     def _use_gpus(self) -> bool:
         if self.spec.use_gpus is not None:
             return self.spec.use_gpus
@@ -113,7 +132,8 @@ class MemoryCluster:
             router_bundle = {"CPU": spec.cpus_per_actor, **extra}
             if use_gpus:
                 router_bundle["GPU"] = 1
-            pg = placement_group([router_bundle, {"CPU": spec.cpus_per_actor, **extra}], strategy="STRICT_PACK", lifetime="detached")
+            pg = placement_group([router_bundle, {"CPU": spec.cpus_per_actor, **extra}], strategy="STRICT_PACK",
+                                 lifetime="detached", name=f"{spec.name}-pair-{s}")
             ray.get(pg.ready(), timeout=spec.start_timeout_s)
             common = dict(max_restarts=-1, max_concurrency=8, num_cpus=spec.cpus_per_actor, lifetime="detached",
                           namespace=spec.namespace)

@@ -17,6 +17,7 @@ Finish reasons: "answered", "token_limit", "round_limit" (made to answer after m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +30,9 @@ from msa_cluster.model.modeling import MSAForCausalLM, PrefillOutput
 from msa_cluster.model.protocol import Codec
 from msa_cluster.types import DEFAULT_TENANT, Citation
 
-__all__ = ["FINISH_REASONS", "InterleaveConfig", "InterleaveResult", "RoundTrace", "answer_with_memory"]
+__all__ = ["FINISH_REASONS", "AnswerSampling", "InterleaveConfig", "InterleaveResult", "RoundTrace", "answer_with_memory"]
+
+AnswerHook = Callable[[list[int]], bool]
 
 FINISH_REASONS = ("answered", "token_limit", "round_limit", "context_limit")
 _MODES = ("interleave", "one_round")
@@ -49,6 +52,25 @@ class InterleaveConfig:
         for name in ("max_rounds", "max_context_tokens", "max_round_tokens", "max_answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class AnswerSampling:
+    """How the answer is decoded: temperature 0 is greedy; `seed` makes sampling reproducible.
+
+    Retrieval rounds (naming document ids) always decode greedily, so that what is read is
+    deterministic; sampling applies to the answer only.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -74,15 +96,20 @@ class InterleaveResult:
     version: int | None
     num_tokens: int
     transcript: str  # everything after the first prompt, for inspection
+    generated_tokens: int = 0  # tokens the model generated, over all rounds and the answer
+    answer_tokens: int = 0  # of those, the answer's (what a client is shown)
 
 
 class _Interleave:
     """The state of one request; `run` steps it round by round."""
 
     def __init__(self, model: MSAForCausalLM, codec: Codec, snap: MemorySnapshot, question: str,
-                 cfg: InterleaveConfig, processor: LogitsProcessor | None, tenant: str):  # fmt: skip
+                 cfg: InterleaveConfig, processor: LogitsProcessor | None, tenant: str,
+                 sampling: AnswerSampling | None = None, on_answer: AnswerHook | None = None):  # fmt: skip
         self.model, self.codec, self.snap, self.cfg = model, codec, snap, cfg
         self.processor, self.tenant, self.question = processor, tenant, question
+        self.sampling, self.on_answer = sampling or AnswerSampling(), on_answer
+        self.generated = self.answered = 0
         self.tr = P.first_prompt(codec, question)
         head = model.config.memory.template_head_len
         if len(P.template_head(codec)) != head:
@@ -114,6 +141,7 @@ class _Interleave:
             if toks[-len(self.eor) :] == self.eor:
                 return self._answer(pre, toks[-1:], "answered")
             if toks[-1] == self.im_end:
+                self.answered = len(toks)
                 return self._finish(P.extract_answer(trace.generated), "answered")
             trace.named = P.parse_doc_ids(trace.generated)
             if rnd > self.cfg.max_rounds:
@@ -132,12 +160,24 @@ class _Interleave:
 
     def _generate(self, pre: PrefillOutput, limit: int, stops: tuple[int, ...], *, eor: bool = False,
                   logits: torch.Tensor | None = None) -> tuple[list[int], bool]:  # fmt: skip
-        """Greedy tokens until a stop token (or `<End-of-Retrieve>` when `eor`); (tokens, stopped)."""
+        """Tokens until a stop token (or `<End-of-Retrieve>` when `eor`); (tokens, stopped).
+
+        Retrieval rounds (`eor`) are greedy; the answer (`logits` given) is decoded with `sampling`
+        and reported token by token to `on_answer`, which may end it early by returning True.
+        """
         eor_ids = self.eor
-        stop = (lambda toks: toks[-len(eor_ids) :] == eor_ids) if eor else None
-        gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops)
+        stop: Callable[[list[int]], bool] | None = None
+        if eor:
+            gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops)
+            stop = lambda toks: toks[-len(eor_ids) :] == eor_ids
+        else:
+            s = self.sampling
+            gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops, temperature=s.temperature,
+                                       top_p=s.top_p, seed=s.seed)
+            stop = self.on_answer
         first = pre.logits[0, -1] if logits is None else logits
         toks, why = continue_generation(self.model, pre.context, first, gen_cfg, self.processor, stop=stop)
+        self.generated += len(toks)
         return toks, why == "stop"
 
     def _read(self, trace: RoundTrace) -> bool:
@@ -170,6 +210,7 @@ class _Interleave:
         self.tr.add(self.block)
         logits = self.model.decode(pre.context, torch.tensor([feed + self.block]))[0, -1]
         toks, stopped = self._generate(pre, self.cfg.max_answer_tokens, (self.im_end,), logits=logits)
+        self.answered = len(toks)
         self.tr.add(toks)
         text = self.codec.decode(toks)
         self.rounds[-1].generated += text
@@ -184,6 +225,8 @@ class _Interleave:
             version=self.version,
             num_tokens=len(self.tr),
             transcript=self.codec.decode(self.tr.ids[self.prompt_len :]),
+            generated_tokens=self.generated,
+            answer_tokens=self.answered,
         )
 
 
@@ -195,12 +238,19 @@ def answer_with_memory(
     cfg: InterleaveConfig = InterleaveConfig(),
     tenant: str = DEFAULT_TENANT,
     processor: LogitsProcessor | None = None,
+    sampling: AnswerSampling | None = None,
+    on_answer: AnswerHook | None = None,
 ) -> InterleaveResult:
-    """Answer `question` over one memory snapshot with greedy decoding (see the module docstring)."""
+    """Answer `question` over one memory snapshot (see the module docstring).
+
+    `sampling` decodes the answer (greedy by default). `on_answer(tokens)` is called with the
+    answer's tokens so far after each answer token (for streaming); returning True ends the answer
+    there (a stop string). An exception it raises aborts the request (a cancelled client).
+    """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question is empty: {question!r}")
     snap = memory.snapshot(tenant) if isinstance(memory, MemoryBackend) else memory
-    return _Interleave(model, codec, snap, question, cfg, processor, tenant).run()
+    return _Interleave(model, codec, snap, question, cfg, processor, tenant, sampling, on_answer).run()
 
 
 def _best_scores(trace: RoundTrace) -> dict[int, float]:

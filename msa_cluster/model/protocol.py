@@ -175,9 +175,12 @@ def end_of_retrieve(codec: Codec) -> list[int]:
 
 
 def extract_answer(text: str) -> str:
-    """The answer inside a model's final output: after the last answer prefix, up to `<|im_end|>`."""
+    """The answer inside a model's final output: after the first answer prefix, up to `<|im_end|>`.
+
+    The first, not the last, so that a streamed answer (text after the prefix as it grows) is always
+    a prefix of the final one."""
     if ANSWER_PREFIX in text:
-        text = text.rsplit(ANSWER_PREFIX, 1)[1]
+        text = text.split(ANSWER_PREFIX, 1)[1]
     return text.split(IM_END, 1)[0].strip()
 
 

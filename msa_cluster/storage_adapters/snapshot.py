@@ -222,6 +222,7 @@ class StoreSnapshot:
         self._dir: dict[int, tuple[SegmentRef, int]] | None = None
         self._aliases: dict[tuple[str, str], int] = {}  # (tenant, client id) -> live doc id
         self._ids: IdAllocation | None = manifest.ids
+        self._usage: dict[str, tuple[int, int]] | None = None
         self._dir_lock = threading.Lock()
 
     # ------------------------------------------------------------------ directory
@@ -317,6 +318,20 @@ class StoreSnapshot:
         self._directory()
         found = ((c, self._aliases.get((tenant, c))) for c in client_ids)
         return {c: doc_id for c, doc_id in found if doc_id is not None}
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """{tenant: (live documents, their tokens)} at this version (computed once per snapshot)."""
+        with self._dir_lock:
+            cached = self._usage
+        if cached is None:
+            out: dict[str, tuple[int, int]] = {}
+            for seg, r in self._directory().values():
+                row = self._docs(seg).rows[r]
+                docs, tokens = out.get(row.tenant, (0, 0))
+                out[row.tenant] = (docs + 1, tokens + row.num_tokens)
+            with self._dir_lock:
+                self._usage = cached = out
+        return dict(cached)
 
     def info(self, doc_id: int, tenant: TenantScope) -> DocInfo:
         seg, _, row = self._row(doc_id, tenant)

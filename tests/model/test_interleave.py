@@ -161,3 +161,33 @@ def test_bad_settings(model, memory):
         InterleaveConfig(max_rounds=0)
     with pytest.raises(ValueError, match="mode"):
         InterleaveConfig(mode="twice")
+
+
+def test_answer_hook_streams_tokens_and_can_stop_early(model, memory):
+    """on_answer sees the answer's tokens growing one at a time; returning True ends the answer there."""
+    seen: list[list[int]] = []
+
+    def hook(toks):
+        seen.append(list(toks))
+        return len(toks) >= 5
+
+    res = answer_with_memory(model, TOK, memory, "q", processor=Script(IDS(0), EOR, ANS("hello world")), tenant="a",
+                             on_answer=hook)
+    assert [len(s) for s in seen] == [1, 2, 3, 4, 5] and all(a == b[: len(a)] for a, b in zip(seen, seen[1:]))
+    assert res.finish_reason == "answered" and res.generated_tokens == len(IDS(0)) + len(EOR) + 5
+
+
+def test_answer_sampling_is_seeded_and_retrieval_stays_greedy(model, memory):
+    """The answer samples with a seed (reproducible, and different from greedy for some seed); rounds stay greedy."""
+    from msa_cluster.model.interleave import AnswerSampling
+
+    cfg = InterleaveConfig(mode="one_round", max_answer_tokens=12)
+    greedy = answer_with_memory(model, TOK, memory, "q", cfg, tenant="a")
+    runs = {seed: answer_with_memory(model, TOK, memory, "q", cfg, tenant="a", sampling=AnswerSampling(temperature=5.0, seed=seed))
+            for seed in range(4)}
+    again = answer_with_memory(model, TOK, memory, "q", cfg, tenant="a", sampling=AnswerSampling(temperature=5.0, seed=2))
+    assert again.transcript == runs[2].transcript
+    assert any(r.transcript != greedy.transcript for r in runs.values())
+    assert all(r.rounds[0].selected == greedy.rounds[0].selected for r in runs.values())
+    with pytest.raises(ValueError, match="top_p"):
+        AnswerSampling(top_p=0)
