@@ -41,6 +41,7 @@ from msa_cluster.types import (
     ContextTooLargeError,
     EncodedDocument,
     LimitExceededError,
+    QuotaExceededError,
     Retrieval,
     RoutingQuery,
     UnknownDocumentError,
@@ -250,7 +251,7 @@ class MemoryService:
             raise _limit("max_messages", lim.max_messages, len(req.messages))
         if len(req.stops) > lim.max_stop:
             raise _limit("max_stop", lim.max_stop, len(req.stops), "stop strings")
-        max_tokens = req.answer_tokens or lim.default_max_tokens
+        max_tokens = req.answer_tokens or min(lim.default_max_tokens, lim.max_tokens)
         if max_tokens > lim.max_tokens:
             raise _limit("max_tokens", lim.max_tokens, max_tokens)
         rounds = req.msa_max_rounds or min(3, lim.max_rounds)
@@ -315,7 +316,7 @@ class MemoryService:
             infos: dict[int, DocInfo] = self._call("infos", sorted(ids), tenant, out.version) if ids else {}
             results = [{"id": c["id"], "client_id": c["client_id"], "source": c["source"], "score": c["score"],
                         "layers": c["layers"], "metadata": dict(infos[c["id"]].metadata) if c["id"] in infos else {}}
-                       for c in citations_of(routed, infos)[:top_k]]
+                       for c in citations_of(routed, infos)]
             if req.include_text and results:
                 texts = snap.texts([r["id"] for r in results])
                 for r in results:
@@ -349,10 +350,27 @@ class MemoryService:
         return [replace(e, metadata=dict(d.metadata), client_id=c) for e, d, c in zip(encoded, docs, client_ids)]
 
     def _precheck(self, docs: Sequence[Any]) -> None:
-        """Bounds checked before any id is allocated (a rough token count; the exact one follows)."""
+        """Document sizes before any id is allocated (the wrapper adds at least 2 tokens; the exact count follows)."""
         for i, d in enumerate(docs):
             if len(d.text) > 8 * self.max_doc_tokens:  # no tokenizer makes fewer than one token per 8 characters
                 raise _limit("max_document_tokens", self.max_doc_tokens, len(d.text) // 8, f"document {i}: at least that many")
+            n = len(self.codec.encode(d.text)) + 2
+            if n > self.max_doc_tokens:
+                raise _limit("max_document_tokens", self.max_doc_tokens, n, f"document {i}: at least that many")
+
+    def _quota_precheck(self, tenant: str, docs: Sequence[Any], named: list[str]) -> None:
+        """The tenant's quotas before ids are allocated (the coordinator checks again, atomically, at commit)."""
+        q = self.quota
+        if q.max_documents is None and q.max_tokens is None:
+            return
+        have_docs, have_tokens = self._call("usage", tenant)
+        known = self._call("resolve", named, tenant) if named else {}
+        new = sum(1 for d in docs if d.client_id is None or d.client_id not in known)
+        tokens = sum(len(self.codec.encode(d.text)) for d in docs if d.client_id is None or d.client_id not in known)
+        for limit, maximum, value in (("max_documents_per_tenant", q.max_documents, have_docs + new),
+                                      ("max_tokens_per_tenant", q.max_tokens, have_tokens + tokens)):
+            if maximum is not None and value > maximum:
+                raise QuotaExceededError(limit, maximum, value, f"tenant {tenant!r} would hold at least {value}; nothing was written")
 
     def add(self, tenant: str, req: AddMemories) -> dict[str, Any]:
         lim = self.cfg.limits
@@ -360,6 +378,7 @@ class MemoryService:
             raise _limit("max_documents_per_request", lim.max_documents_per_request, len(req.documents))
         self._precheck(req.documents)
         named = [d.client_id for d in req.documents if d.client_id is not None]
+        self._quota_precheck(tenant, req.documents, named)
         by_client: dict[str, int] = dict(zip(named, self._call("allocate_ids", tenant, client_ids=named, write=True))) if named else {}
         unnamed = sum(1 for d in req.documents if d.client_id is None)
         fresh = iter(self._call("allocate_ids", tenant, count=unnamed, write=True) if unnamed else [])

@@ -6,6 +6,7 @@ and are reused here.
 
 from __future__ import annotations
 
+from msa_cluster.types import DocumentExistsError as _DocumentExistsError
 from msa_cluster.types import MemoryError_, SnapshotGoneError
 
 __all__ = [
@@ -46,7 +47,7 @@ class CommitConflictError(StoreError):
     """A commit kept losing the race to other writers and gave up after its retry budget."""
 
 
-class DocumentExistsError(StoreError, ValueError):
+class DocumentExistsError(StoreError, _DocumentExistsError):
     """An insert names a document id that is live with different content, or a client id that is live
     under another id of the tenant, and replace was not asked."""
 
