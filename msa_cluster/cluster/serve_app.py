@@ -44,6 +44,7 @@ from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from msa_cluster.cluster import replica_state
 from msa_cluster.cluster.config import AppConfig, ConfigError, load_config
 from msa_cluster.cluster.keys import KeyRing
 from msa_cluster.cluster.schemas import AddMemories, ChatRequest, ReplaceMemory, RequestError, SearchRequest, parse_body
@@ -65,7 +66,6 @@ access_log = logging.getLogger("msa_cluster.access")
 
 app = FastAPI(title="msa-cluster", description="Long-term LLM memory with Memory Sparse Attention", docs_url=None,
               redoc_url=None, openapi_url=None)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -112,7 +112,7 @@ def _error_response(e: BaseException, request_id: str) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Unknown paths and methods: 401 without a valid key (nothing is revealed), else 404 / 405."""
-    server = _SERVER
+    server = replica_state.server
     if server is not None and server.keys is not None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or server.keys.tenant_of(token.strip()) is None:
@@ -149,22 +149,22 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------------------------------------- the deployment
-_SERVER: "MSAGenerator | None" = None  # this replica (one per process), for the middleware
 
 
 @app.middleware("http")
 async def _request_context(request: Request, call_next: Callable[[Request], Any]) -> Response:
-    """Request id (the client's if well-formed, else new), access log line, request metrics."""
+    """Request id (Serve's proxy passes the client's X-Request-ID, or makes one), access log line, metrics."""
     given = request.headers.get("x-request-id", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given[:128] if given.isprintable() and given.strip() else uuid.uuid4().hex
     request.state.request_id, request.state.tenant = request_id, "-"
     t0 = time.perf_counter()
     response: Response = await call_next(request)
     response.headers["x-request-id"] = request_id
     route = _route_name(request)
     seconds = time.perf_counter() - t0
-    if _SERVER is not None and _SERVER.metrics is not None:
-        _SERVER.metrics.request(route, response.status_code, request.state.tenant, seconds)
+    server = replica_state.server
+    if server is not None and server.metrics is not None:
+        server.metrics.request(route, response.status_code, request.state.tenant, seconds)
     access_log.info("%s %s %s %d tenant=%s %.1fms", request_id, request.method, request.url.path, response.status_code,
                     request.state.tenant, seconds * 1000)
     return response
@@ -211,8 +211,7 @@ class MSAGenerator:
         ).remote() if cfg.limits.requests_per_minute else None
         self.slots = asyncio.Semaphore(cfg.limits.max_concurrent_requests)
         self.pool = ThreadPoolExecutor(max_workers=cfg.limits.max_concurrent_requests + 4, thread_name_prefix="msa-req")
-        global _SERVER
-        _SERVER = self
+        replica_state.server = self
 
     # ------------------------------------------------------------------ the common path of every route
     async def _admit(self, request: Request, *, public: bool = False) -> str:
