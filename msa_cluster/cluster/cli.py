@@ -324,6 +324,12 @@ def _one_line(e: BaseException) -> str:
         except ValueError:
             msg = e.reason
         return f"HTTP {e.code}: {msg}"
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        from msa_cluster.cluster.schemas import one_line
+
+        return f"invalid {e.title}: {one_line(e)[0]}"
     body = getattr(e, "body", None)  # openai.APIStatusError
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return f"HTTP {getattr(e, 'status_code', '?')}: {body['message']}"

@@ -1,24 +1,41 @@
 """The `msa` CLI: the README's demo command runs end to end; bad input is a clear error."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 from msa_cluster.cluster.cli import main
 
 
-def test_demo_runs_and_prints_selections(capsys):
-    """`msa demo` encodes the bundled corpus, routes, and prints selected documents per layer."""
-    assert main(["demo", "--max-tokens", "3", "--max-rounds", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "memory: 6 documents" in out
-    assert "round 1 layer 2: selected documents [" in out and "round 1 layer 3: selected documents [" in out
+def _msa(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `msa` command as a user would: a fresh process (its own embedded Ray for `demo`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "-m", "msa_cluster.cluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
-def test_demo_with_a_user_corpus(tmp_path, capsys):
-    """A user's jsonl corpus is used instead of the sample."""
+def test_demo_runs_over_http_and_prints_answers_with_citations():
+    """`msa demo`: local Ray, a store, the memory cluster and the Serve app; questions over HTTP with citations."""
+    run = _msa("demo", "--max-tokens", "4", "--max-rounds", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "6 documents of tenant 'demo'" in out and "serving http://127.0.0.1:" in out
+    assert out.count("\nQ: ") == 3 and out.count("\nA (") == 3 and "streamed" in out
+    assert re.search(r"\[\d+\] sample-\d+ r1 routed score=0\.\d+ layers=\[", out)
+    assert "search 'When was the father" in out and "added document 6" in out and "demo finished in" in out
+
+
+def test_demo_with_a_user_corpus_and_question(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps({"id": i, "text": f"note {i}"}) for i in (10, 11)))
-    assert main(["demo", "--corpus", str(corpus), "--max-tokens", "2", "--max-rounds", "1"]) == 0
-    assert "memory: 2 documents" in capsys.readouterr().out
+    corpus.write_text("\n".join(json.dumps({"client_id": f"note-{i}", "text": f"note {i} about boats"}) for i in (10, 11)))
+    run = _msa("demo", "--corpus", str(corpus), "--question", "What about boats?", "--max-tokens", "2", "--max-rounds", "1",
+               "--mode", "one_round")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 documents of tenant 'demo'" in run.stdout and "Q: What about boats?" in run.stdout and "note-1" in run.stdout
 
 
 def test_bad_corpus_line_is_reported(tmp_path, capsys):
@@ -31,6 +48,44 @@ def test_bad_corpus_line_is_reported(tmp_path, capsys):
         assert "c.jsonl:1" in str(e)
     else:
         raise AssertionError("expected SystemExit")
+
+
+def test_keys_commands(tmp_path, capsys):
+    keys = str(tmp_path / "k.json")
+    assert main(["keys", "--keys-file", keys, "create", "--tenant", "acme", "--name", "laptop"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("msa-") and key not in (tmp_path / "k.json").read_text()
+    assert main(["keys", "--keys-file", keys, "list"]) == 0
+    line = capsys.readouterr().out.strip()
+    key_id = line.split()[0]
+    assert line.split()[1:] == ["acme", "active", "laptop"] and key_id == key.split("-")[1]
+    assert main(["keys", "--keys-file", keys, "revoke", key_id]) == 0
+    assert main(["keys", "--keys-file", keys, "list"]) == 0 and "revoked" in capsys.readouterr().out
+    assert main(["keys", "--keys-file", keys, "revoke", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("msa: error: keys file")
+    assert main(["keys", "create", "--tenant", "x"]) == 2
+    assert "which keys file" in capsys.readouterr().err
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "app.yaml"
+    bad.write_text("store: file:///x\nauth: {keys_file: /k}\nlimits: {max_tokenz: 3}\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msa: error: invalid config: limits.max_tokenz") and err.count("\n") == 1
+    assert main(["query", "q", "--url", "http://127.0.0.1:9", "--api-key", "k", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("msa: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    os.environ.pop("MSA_API_KEY", None)
+    assert main(["search", "q", "--url", "http://127.0.0.1:9"]) == 2
+    assert "an API key is needed" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("demo", "serve", "query", "search", "keys", "train"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and len(capsys.readouterr().out) > 200
 
 
 def test_train_runs_from_a_yaml_config(tmp_path, capsys):
