@@ -311,6 +311,7 @@ class MSAGenerator:
         async def work(tenant: str) -> Any:
             req = parse_body(await self._body(request), ChatRequest)
             if req.stream:
+                self.service.plan_chat(req)  # a request that cannot run is refused before the stream's 200
                 return await self._stream(req, tenant)
             cancelled = threading.Event()
             out: ChatOutcome = await self._run(lambda: self.service.chat(tenant, req, cancelled=cancelled), cancelled)

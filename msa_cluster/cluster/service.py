@@ -197,6 +197,14 @@ class ChatOutcome:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+@dataclass(frozen=True)
+class ChatPlan:
+    question: str
+    config: InterleaveConfig
+    sampling: AnswerSampling
+    top_k: int | None
+
+
 @dataclass
 class Observer:
     """Where the service reports what it measures (the Serve app points these at Prometheus metrics)."""
@@ -241,8 +249,8 @@ class MemoryService:
         return BoundedSnapshot(snap, top_k=top_k, max_chunks=self.max_chunks, on_retrieve=self.observer.retrieve,
                                cancelled=cancelled)
 
-    def chat(self, tenant: str, req: ChatRequest, on_delta: Callable[[str], None] | None = None,
-             cancelled: threading.Event | None = None) -> ChatOutcome:
+    def plan_chat(self, req: ChatRequest) -> ChatPlan:
+        """Every check a chat request can fail before it runs (so a stream is refused before its 200)."""
         lim = self.cfg.limits
         if req.model != self.cfg.served_model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.cfg.served_model_name!r}",
@@ -265,6 +273,12 @@ class MemoryService:
         icfg = InterleaveConfig(mode=req.msa_mode or self.cfg.mode, max_rounds=rounds, max_round_tokens=self.cfg.max_round_tokens,
                                 max_context_tokens=max(self.cfg.max_context_tokens, prompt_len + 1), max_answer_tokens=max_tokens)
         sampling = AnswerSampling(temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, seed=req.seed)
+        return ChatPlan(question, icfg, sampling, top_k)
+
+    def chat(self, tenant: str, req: ChatRequest, on_delta: Callable[[str], None] | None = None,
+             cancelled: threading.Event | None = None) -> ChatOutcome:
+        plan = self.plan_chat(req)
+        question, icfg, sampling, top_k = plan.question, plan.config, plan.sampling, plan.top_k
         view = AnswerText(self.codec, req.stops)
 
         def on_answer(tokens: list[int]) -> bool:

@@ -170,6 +170,8 @@ def test_stock_openai_client_streaming_and_not(app):
     assert usage.completion_tokens == full.usage.completion_tokens
     with pytest.raises(openai.UnprocessableEntityError, match="unsupported parameters: n=2"):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens=512"):  # refused before the stream starts
+        list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=513, stream=True))
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
     stop = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=10, stop=["e", "a"],
