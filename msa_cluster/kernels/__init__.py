@@ -10,6 +10,7 @@ from msa_cluster.kernels.routing import (
     prepare_queries,
     select_top_k,
 )
+from msa_cluster.kernels.routing_exact import route_top_k
 
 __all__ = [
     "chunk_mean",
@@ -22,5 +23,6 @@ __all__ = [
     "normalize_heads",
     "num_chunks",
     "prepare_queries",
+    "route_top_k",
     "select_top_k",
 ]

@@ -195,6 +195,20 @@ def test_doc_scores_kernel_of_any_shard_equals_global():
         assert torch.equal(routing.doc_scores_triton(query, shard_keys, shard_offsets), full[:, shard])
 
 
+@pytest.mark.parametrize("spec, heads", [("released", (4, 1)), ("cosine-mean", (4, 2)), ("per-head-max", (4, 2))])
+def test_route_top_k_with_the_triton_first_pass_equals_the_canonical_reference(spec, heads, monkeypatch):
+    """With the Triton kernel as its first pass, route_top_k selects and scores exactly like the
+    float64 reference (and so like the CPU first pass): CPU and GPU shards agree bit for bit."""
+    from msa_cluster.kernels import routing_exact
+
+    monkeypatch.setattr(routing_exact, "use_triton", lambda *tensors: True)  # the CUDA branch, on this device
+    query, keys, offsets = _routing_case(11, spec, *heads, key_dtype=torch.bfloat16)
+    ids = torch.tensor([11, 3, 7])
+    for k in (1, 2, 3):
+        got = routing_exact.route_top_k(_on(query, DEVICE), keys.to(DEVICE), offsets, ids, k)
+        assert got == select_top_k(doc_scores_ref(query, keys, offsets), ids, k)
+
+
 # -- dispatch on a real GPU
 
 
