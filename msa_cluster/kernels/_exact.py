@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from msa_cluster.kernels._common import next_power_of_2
 
-__all__ = ["fixed_sum", "fixed_norm", "fp32_dot_error", "round_up_fp32", "round_down_fp32", "UNIT_FP32"]
+__all__ = ["fixed_sum", "fixed_norm", "norm_upper", "fp32_dot_error", "bound", "round_up_fp32", "round_down_fp32",
+           "gamma", "UNIT_FP32"]
 
 UNIT_FP32 = 2.0**-24  # unit roundoff of fp32 (round to nearest)
 _SLACK = 1.001  # covers the float64 rounding of the bound's own arithmetic (relative 1e-13 at most)
@@ -48,7 +49,16 @@ def fixed_norm(x: torch.Tensor) -> torch.Tensor:
     return fixed_sum(x * x).sqrt()
 
 
-def _gamma(n: int) -> float:
+def norm_upper(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of the L2 norm of the last axis, fast: the fp32 norm (any order; relative error
+    below gamma_{W+2}) inflated by twice that, plus an absolute 2^-50 for squares that underflow.
+    [..., W] -> [...] float64. For bounds only: it is not reproducible across devices."""
+    width = x.shape[-1]
+    n: torch.Tensor = torch.linalg.vector_norm(x.float(), dim=-1).double()
+    return n * (1 + 2 * gamma(width + 2)) + 2.0**-50
+
+
+def gamma(n: int) -> float:
     """gamma_n = n u / (1 - n u): relative error bound of any n-term fp32 sum (Higham, Thm. 3.4)."""
     nu = n * UNIT_FP32
     if nu >= 0.5:
@@ -56,14 +66,17 @@ def _gamma(n: int) -> float:
     return nu / (1 - nu)
 
 
-def fp32_dot_error(width: int, tokens: int) -> float:
+def fp32_dot_error(width: int, tokens: int, key_error: float = 0.0) -> float:
     """Coefficient c such that |fp32 score - exact score| <= c * |q| * |k| + _TINY for a score that is
     a W-wide fp32 inner product (any summation order, FMA or not), optionally reduced over up to
     `tokens` tokens by an fp32 max (exact) or mean (a sum and a division, both in fp32).
 
     Cauchy-Schwarz bounds sum |q_i k_i| by |q| |k|, so per-token and per-chunk norms are enough.
+    key_error: a relative elementwise error of the keys the first pass used (fast cosine
+    normalisation) against the canonical ones; it adds key_error * |q| |k| (|k| of either).
     """
-    return _SLACK * (_gamma(width) + _gamma(max(tokens, 1)) + 2 * UNIT_FP32) * (1 + _gamma(width))
+    rounding = (gamma(width) + gamma(max(tokens, 1)) + 2 * UNIT_FP32) * (1 + gamma(width))
+    return _SLACK * (rounding + key_error) * (1 + key_error) * (1 + rounding)
 
 
 def bound(coef: float, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
@@ -71,13 +84,15 @@ def bound(coef: float, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tens
     return coef * q_norm.double() * k_norm.double() + _TINY
 
 
+_INF = torch.tensor(float("inf"))
+
+
 def round_up_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Smallest fp32 >= x (float64 in, float32 out)."""
-    r = x.float()
-    return torch.where(r.double() < x, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    """An fp32 >= x, at most 1 ulp above the smallest (float64 in, float32 out; -inf gives the
+    lowest finite fp32: mask -inf separately). Two elementwise ops: it runs on every chunk."""
+    return torch.nextafter(x.float(), _INF.to(x.device))
 
 
 def round_down_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Largest fp32 <= x (float64 in, float32 out)."""
-    r = x.float()
-    return torch.where(r.double() > x, torch.nextafter(r, torch.full_like(r, float("-inf"))), r)
+    """An fp32 <= x, at most 1 ulp below the largest (see `round_up_fp32`)."""
+    return torch.nextafter(x.float(), -_INF.to(x.device))

@@ -36,7 +36,7 @@ from msa_cluster.kernels._common import (
     require_triton,
     use_triton,
 )
-from msa_cluster.kernels._exact import bound, fixed_norm, fixed_sum, fp32_dot_error
+from msa_cluster.kernels._exact import UNIT_FP32, bound, fixed_norm, fixed_sum, fp32_dot_error, gamma, norm_upper
 from msa_cluster.types import RoutingQuery, RoutingSpec, ScoredDoc
 
 if HAS_TRITON:
@@ -56,10 +56,17 @@ __all__ = [
     "merge_top_k",
 ]
 
-# Chunks per first-pass tile on CPU. Any value gives the same selections and scores (the float64
-# pass decides them); 512 chunks of K = 1024 fp32 keys (2 MiB) stay in L2 between the bf16 -> fp32
-# conversion and the GEMM that reads them, measured fastest here (bench/bench_routing.py).
-TILE = 512
+# Bytes of fp32 keys per first-pass tile on CPU. Any tile gives the same selections and scores
+# (the float64 pass decides them). 4 MiB (1,024 chunks at MSA-4B's K = 1024) amortises the
+# per-tile bookkeeping and was measured fastest here (bench/bench_routing.py); the bf16 -> fp32
+# conversion goes into one reused buffer of this size.
+TILE_BYTES = 4 << 20
+TILE = 1024  # chunks per tile at K = 1024 (TILE_BYTES // (4 * K)); other widths scale with K
+
+
+def tile_chunks(width: int) -> int:
+    """Chunks per first-pass tile for an inner-product width K: TILE_BYTES of fp32 keys, at least 64."""
+    return max(64, TILE_BYTES // (4 * max(width, 1)))
 
 # Triton tiles. Fixed, never derived from the number of chunks: a chunk's score is computed by
 # the same instructions in the same order wherever it sits in a shard of any size.
@@ -132,11 +139,11 @@ def _check_doc_offsets(doc_offsets: object, num_chunks: int) -> torch.Tensor:
 
 
 def head_norms(x: torch.Tensor, folded: bool) -> torch.Tensor:
-    """|x| per row for the bound: x [..., Hr, D] -> [...] float64; the K-wide norm when folded,
-    else the largest per-head norm (a head-max score is bounded by its largest head's bound)."""
+    """An upper bound of |x| per row for the error bound: x [..., Hr, D] -> [...] float64; the K-wide
+    norm when folded, else the largest per-head norm (a head-max score is bounded by its largest head's bound)."""
     if folded:
-        return fixed_norm(x.flatten(-2))
-    return fixed_norm(x).amax(dim=-1)
+        return norm_upper(x.flatten(-2))
+    return norm_upper(x).amax(dim=-1)
 
 
 def query_norms(vectors: torch.Tensor, mask: torch.Tensor, folded: bool) -> torch.Tensor:
@@ -144,11 +151,20 @@ def query_norms(vectors: torch.Tensor, mask: torch.Tensor, folded: bool) -> torc
     return head_norms(vectors, folded).masked_fill(~mask, 0.0).amax(dim=1)
 
 
-def bound_coef(query: RoutingQuery) -> float:
-    """c such that the first pass's chunk score is within c * |q|_max * |k_c| (+ tiny) of the exact one."""
+def bound_coef(query: RoutingQuery, fast_cosine: bool = False) -> float:
+    """c such that the first pass's chunk score is within c * |q|_max * |k_c| (+ tiny) of the exact
+    one. fast_cosine: the keys were normalised in fp32 by `_normalize_fast`, not canonically."""
     vectors, _, _ = _token_view(query)
     B, T, Hr, D = vectors.shape
-    return fp32_dot_error(Hr * D if query.folded else D, T)
+    key_error = gamma(D + 2) + 4 * UNIT_FP32 if fast_cosine else 0.0
+    return fp32_dot_error(Hr * D if query.folded else D, T, key_error)
+
+
+def _normalize_fast(keys: torch.Tensor) -> torch.Tensor:
+    """fp32 cosine normalisation in any order: within gamma_{D+2} + 4u (relative, elementwise) of
+    `normalize_heads`, which the bound then covers; the float64 pass uses the canonical one."""
+    norm: torch.Tensor = torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
+    return keys / norm.clamp_min(1e-12)
 
 
 # -- the fp32 first pass on CPU
@@ -176,26 +192,28 @@ def _reduce_tokens(s: torch.Tensor, mask: torch.Tensor, how: str, exact: bool) -
     return (total / count.clamp_min(1)).masked_fill(count == 0, -math.inf)
 
 
-def first_pass(query: RoutingQuery, router_keys: torch.Tensor, tile: int = TILE) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def first_pass(query: RoutingQuery, router_keys: torch.Tensor, tile: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The fp32 first pass on CPU, one tile of chunks at a time: yields (start, a [B, n] fp32 chunk
     scores, e [B, n] float64 bounds) with |a - exact chunk score| <= e.
 
-    router_keys [C, Hkv, D] is read tile by tile: each tile is converted into one reused fp32
+    router_keys [C, Hkv, D] is read `tile` chunks at a time (default `tile_chunks(K)`): each tile is converted into one reused fp32
     buffer (a bf16 arena is never copied whole), so memory does not grow with C.
     """
     vectors, mask, how = _token_view(query)
     spec = query.spec
     q_norm = query_norms(vectors, mask, query.folded)  # [B]
-    coef = bound_coef(query)
+    cosine = query.spec.similarity == "cosine"
+    coef = bound_coef(query, fast_cosine=cosine)
     C = router_keys.shape[0]
+    tile = tile or tile_chunks(router_keys[0].numel() if C else 1)
     buf = router_keys.new_empty(min(tile, C), *router_keys.shape[1:], dtype=torch.float32)
     for start in range(0, C, tile):
         n = min(tile, C - start)
         keys = router_keys[start : start + n]
         if keys.dtype != torch.float32:
             keys = buf[:n].copy_(keys)  # bf16 / fp16 -> fp32, per tile
-        if spec.similarity == "cosine":
-            keys = normalize_heads(keys)
+        if cosine:
+            keys = _normalize_fast(keys)
         a = _reduce_tokens(_pair_scores32(vectors, keys, query.folded, spec.group), mask, how, exact=False)
         yield start, a, bound(coef, q_norm[:, None], head_norms(keys, query.folded)[None, :])
 

@@ -24,14 +24,13 @@ selected, the k winners included, gets its canonical value. So the result equals
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
 from msa_cluster.kernels._common import FLOAT_DTYPES, check_tensor, use_triton
 from msa_cluster.kernels._exact import bound, fixed_sum, round_down_fp32, round_up_fp32
 from msa_cluster.kernels.routing import (
-    TILE,
     _check_doc_offsets,
     _pair_scores32,
     _token_view,
@@ -91,7 +90,7 @@ class _Boundary:
 
 
 def _mean_candidates(B: int, k: int, offsets: torch.Tensor, visible: torch.Tensor,
-                     tiles: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+                     tiles: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """chunk_reduce "mean": (rows [P], docs [P]) of the documents whose ub reaches the k-th lower bound."""
     lengths = offsets[1:] - offsets[:-1]
     N = lengths.numel()
@@ -187,13 +186,13 @@ def _check(query: RoutingQuery, router_keys: object, doc_offsets: object, doc_id
 
 
 def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor, doc_ids: torch.Tensor,
-                k: int, visible: torch.Tensor | None = None, *, tile: int = TILE) -> list[list[ScoredDoc]]:
+                k: int, visible: torch.Tensor | None = None, *, tile: int | None = None) -> list[list[ScoredDoc]]:
     """Exact top-k documents of each query row: [B] lists, best first, equal (ids and fp32 scores)
     to `select_top_k(doc_scores_ref(...) masked by visible, doc_ids, k)` bit for bit.
 
     router_keys: [C, Hkv, D] fp32/bf16/fp16 of N documents laid out contiguously; doc_offsets
     [N + 1]; doc_ids [N] int64; visible: [B, N] or [N] bool (None: all). `tile` (CPU chunks per
-    first-pass tile) changes speed only. Example:
+    first-pass tile; default `routing.tile_chunks(K)`) changes speed only. Example:
         >>> from msa_cluster.types import RoutingSpec
         >>> from msa_cluster.kernels.routing import prepare_queries
         >>> spec = RoutingSpec(num_heads=2, num_kv_heads=1)
@@ -227,7 +226,7 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
         scores = best.scatter_reduce(0, inverse, exact, reduce="amax")
         doc_rows, doc_idx = key // N, key % N
     else:
-        doc_rows, doc_idx = _mean_candidates(B, k, offsets, vis, list(tiles))
+        doc_rows, doc_idx = _mean_candidates(B, k, offsets, vis, tiles)
         scores = _exact_doc_means(query, router_keys, offsets, doc_rows, doc_idx)
     return _rank(doc_rows.cpu(), doc_ids.cpu()[doc_idx.cpu()], scores.float().cpu(), B, k)
 
