@@ -163,25 +163,65 @@ def gathered_attention_triton(
     return out
 
 
+# Blocks of the reference: BLOCK_Q query tokens x BLOCK_S slots of logits at a time, so the
+# extra memory is H * BLOCK_Q * BLOCK_S floats (4 MiB at H = 4), never H * Tq * S.
+BLOCK_Q = 256
+BLOCK_S = 1024
+
+
+def _attend_block(q_blk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """Online softmax of one query block over the slots it can see.
+
+    q_blk: [Hkv, R, D] fp32, R = rows of (query token, group head); k, v: [Hkv, S, D] views of the
+    context (no copy); slots: [R] the slot of each row -> [Hkv, R, D] fp32 (nan for a row that sees
+    no slot, like a softmax over nothing)."""
+    Hkv, R, D = q_blk.shape
+    hi = min(int(slots.max()) + 1, k.shape[1])  # no row of this block sees a slot past hi
+    low = int(slots.min())  # key blocks entirely at or below every row's slot need no mask
+    m = q_blk.new_full((Hkv, R, 1), float("-inf"))
+    l_sum = q_blk.new_zeros(Hkv, R, 1)
+    acc = q_blk.new_zeros(Hkv, R, D)
+    for s0 in range(0, max(hi, 0), BLOCK_S):
+        s1 = min(s0 + BLOCK_S, hi)
+        logits = torch.matmul(q_blk, k[:, s0:s1].float().transpose(1, 2)) * scale  # [Hkv, R, s1 - s0]
+        if s1 - 1 > low:
+            cols = torch.arange(s0, s1, device=q_blk.device)
+            logits = logits.masked_fill(cols[None, None, :] > slots[None, :, None], float("-inf"))
+        m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
+        m_sub = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row that has seen nothing yet: exp(-inf) = 0, not nan
+        p = torch.exp(logits - m_sub)
+        alpha = torch.exp(m - m_sub)
+        l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, v[:, s0:s1].float())
+        m = m_new
+    return acc / l_sum
+
+
 def gathered_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q: [Tq, H, D]; k, v: [S, Hkv, D]; q_slots: [Tq] int64 buffer slot of each query -> [Tq, H, D].
 
-    Softmax in float32; the output has q's dtype.
+    Blocked online softmax in float32 (differentiable, for training too); the output has q's
+    dtype. GQA reads each kv head once for its G query heads (rows t * G + r), with no per-group
+    K/V copy; the extra memory is one BLOCK_Q x BLOCK_S block of logits per head.
     """
     Tq, H, D = q.shape
     S, Hkv, _ = k.shape
     if H % Hkv:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {Hkv}")
+    if S == 0 or Tq == 0:
+        return q.new_zeros(q.shape)  # an empty context reads nothing
     G = H // Hkv
-    kf = k.float().repeat_interleave(G, dim=1)  # [S, H, D]
-    vf = v.float().repeat_interleave(G, dim=1)
-    logits = torch.einsum("thd,shd->hts", q.float(), kf) * scale  # [H, Tq, S]
-    visible = torch.arange(S, device=q.device).unsqueeze(0) <= q_slots.unsqueeze(1)  # [Tq, S]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    out = torch.einsum("hts,shd->thd", torch.softmax(logits, dim=-1), vf)
-    return out.to(q.dtype)
+    k_h, v_h = k.permute(1, 0, 2), v.permute(1, 0, 2)  # [Hkv, S, D] views
+    slots = q_slots.to(q.device)
+    blocks = []
+    for t0 in range(0, Tq, BLOCK_Q):
+        n = min(BLOCK_Q, Tq - t0)
+        q_blk = q[t0 : t0 + n].float().view(n, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, n * G, D)  # [Hkv, n*G, D]
+        out = _attend_block(q_blk, k_h, v_h, slots[t0 : t0 + n].repeat_interleave(G), scale)
+        blocks.append(out.view(Hkv, n, G, D).permute(1, 0, 2, 3).reshape(n, H, D))  # [n, H, D]
+    return torch.cat(blocks).to(q.dtype)
 
 
 def gathered_attention(
