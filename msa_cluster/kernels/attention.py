@@ -54,20 +54,24 @@ if HAS_TRITON:
         k_ptr,  # [S, Hkv, D]
         v_ptr,  # [S, Hkv, D]
         slot_ptr,  # [Tq]
-        o_ptr,  # [Tq, H, D], q's dtype
+        o_ptr,  # [Tq, H, D], q's dtype; split-K: [splits, Tq, H, D] fp32 unnormalised partial sums
+        ml_ptr,  # split-K only: [splits, 2, Tq, H] fp32 running max and softmax denominator
         Tq,
         S,
         H,
         Hkv,
         D,
         scale,
+        split_len,  # slots per split (a multiple of BLOCK_N); program_id(2) takes slots [pid * split_len, +split_len)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         LOWP_DOT: tl.constexpr,  # True: dot operands in the input's 16-bit dtype; False: fp32, no TF32
+        SPLIT: tl.constexpr,  # write partial (acc, max, denominator) per split for `_combine_splits`
     ):
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
+        pid_s = tl.program_id(2)
         G = H // Hkv
         # addresses are a 64-bit scalar base plus small int32 offsets, which keeps registers free
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # t * G + r
@@ -88,8 +92,9 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         kv_off = tl.arange(0, BLOCK_N)[:, None] * (Hkv * D) + offs_d[None, :]  # within one slot tile
-        hi = tl.minimum(tl.max(slot) + 1, S)  # no row of this block sees a slot past hi
-        for n0 in range(0, hi, BLOCK_N):
+        lo = pid_s * split_len
+        hi = tl.minimum(tl.minimum(tl.max(slot) + 1, S), lo + split_len)  # no row of this block sees a slot past hi
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             kv_base = tl.cast(n0, tl.int64) * Hkv * D + kvh * D
             kv_ok = (cols < S)[:, None] & d_ok[None, :]
@@ -116,14 +121,39 @@ if HAS_TRITON:
                 pv = tl.dot(p, v, input_precision="ieee")
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        out = acc / l_i[:, None]  # a row that sees no slot (slot < 0) gives 0 / 0 = nan, like the reference
         # addresses rebuilt, not kept live through the loop: a [BLOCK_M, BLOCK_D] offset tensor costs registers
-        o_rows = o_ptr + q_base + row_off
-        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=qo_ok)
+        if SPLIT:
+            part = pid_s.to(tl.int64) * Tq * H
+            o_rows = o_ptr + (part * D + q_base) + row_off
+            tl.store(o_rows[:, None] + offs_d[None, :], acc, mask=qo_ok)
+            ml_rows = ml_ptr + (2 * part + t_first.to(tl.int64) * H) + row_off // D
+            tl.store(ml_rows, m_i, mask=row_ok)
+            tl.store(ml_rows + Tq * H, l_i, mask=row_ok)
+        else:
+            out = acc / l_i[:, None]  # a row that sees no slot (slot < 0) gives 0 / 0 = nan, like the reference
+            o_rows = o_ptr + q_base + row_off
+            tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=qo_ok)
+
+
+def _num_splits(programs: int, S: int, block_n: int, device: torch.device) -> int:
+    """Split-K factor: enough programs to fill the device (2 per SM) when few query rows (decode)
+    give few programs, but at least 4 slot tiles per split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    by_work = max(1, int(triton.cdiv(S, 4 * block_n)))
+    return max(1, min(by_work, (2 * sms) // max(programs, 1)))
+
+
+def _combine_splits(part: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+    """Merge split-K partials: part [splits, Tq, H, D] unnormalised sums, ml [splits, 2, Tq, H]
+    (max, denominator) -> [Tq, H, D] fp32 (nan for a row that saw no slot)."""
+    m, l_sum = ml[:, 0], ml[:, 1]
+    top = m.amax(dim=0)  # [Tq, H]
+    w = torch.exp(m - top.masked_fill(top == float("-inf"), 0.0))  # [splits, Tq, H]; 0 for empty splits
+    return (w.unsqueeze(-1) * part).sum(dim=0) / (w * l_sum).sum(dim=0).unsqueeze(-1)
 
 
 def gathered_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, scale: float, *, num_splits: int | None = None
 ) -> torch.Tensor:
     """Triton launcher with `gathered_attention_ref` semantics.
 
@@ -131,6 +161,8 @@ def gathered_attention_triton(
     under the Triton interpreter); q_slots int32/int64 [Tq]. fp32 inputs take fp32 dots without
     TF32; 16-bit inputs take 16-bit dots with fp32 accumulation (except bf16 on CPU: the
     interpreter computes bf16 dots wrongly, so fp32 there).
+    num_splits: split-K over the slots (None: chosen so that a decode step fills the GPU; each
+    split writes fp32 partials, merged by `_combine_splits`).
     """
     check_tensor("q", q, shape="[Tq, H, D]", ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, shape="[S, Hkv, D]", ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
@@ -148,19 +180,30 @@ def gathered_attention_triton(
         raise ValueError(f"query heads {H} must be a multiple of kv heads {Hkv}")
     if q_slots.shape[0] != Tq:
         raise ValueError(f"q_slots must have one slot per query token (Tq={Tq}), got {q_slots.shape[0]}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     if Tq == 0 or H == 0 or D == 0 or S == 0:
         return torch.zeros_like(q)  # an empty context reads nothing: zeros, like the reference's empty sum
-    out = torch.empty_like(q)
     require_triton()
     rows = Tq * (H // Hkv)
     lowp = q.dtype != torch.float32 and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
     block_m, block_n, num_warps = _launch_config(rows, lowp)
-    grid = (triton.cdiv(rows, block_m), Hkv)
+    programs = triton.cdiv(rows, block_m) * Hkv
+    splits = num_splits or _num_splits(programs, S, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, split_len)
+    if splits > 1:
+        out = torch.empty(splits, Tq, H, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(splits, 2, Tq, H, dtype=torch.float32, device=q.device)
+    else:
+        out, ml = torch.empty_like(q), q.new_empty(0, dtype=torch.float32)
+    grid = (triton.cdiv(rows, block_m), Hkv, splits)
     _gathered_attention_kernel[grid](
-        q, k, v, q_slots.to(q.device).contiguous(), out, Tq, S, H, Hkv, D, float(scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)), LOWP_DOT=lowp, num_warps=num_warps,
+        q, k, v, q_slots.to(q.device).contiguous(), out, ml, Tq, S, H, Hkv, D, float(scale), split_len,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)), LOWP_DOT=lowp, SPLIT=splits > 1,
+        num_warps=num_warps,
     )  # fmt: skip
-    return out
+    return _combine_splits(out, ml).to(q.dtype) if splits > 1 else out
 
 
 # Blocks of the reference: BLOCK_Q query tokens x BLOCK_S slots of logits at a time, so the

@@ -52,6 +52,7 @@ __all__ = [
     "doc_scores_ref",
     "doc_scores_triton",
     "first_pass",
+    "FirstPass",
     "select_top_k",
     "merge_top_k",
 ]
@@ -192,31 +193,45 @@ def _reduce_tokens(s: torch.Tensor, mask: torch.Tensor, how: str, exact: bool) -
     return (total / count.clamp_min(1)).masked_fill(count == 0, -math.inf)
 
 
-def first_pass(query: RoutingQuery, router_keys: torch.Tensor, tile: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """The fp32 first pass on CPU, one tile of chunks at a time: yields (start, a [B, n] fp32 chunk
-    scores, e [B, n] float64 bounds) with |a - exact chunk score| <= e.
+class FirstPass:
+    """The fp32 first pass on CPU, one tile of chunks at a time: `tile(start, n, buf)` gives the
+    chunk scores a [B, n] fp32 of chunks start..start+n-1 and bounds e [B, n] float64 with
+    |a - exact chunk score| <= e. Safe to call from several threads, each with its own buffer.
 
-    router_keys [C, Hkv, D] is read `tile` chunks at a time (default `tile_chunks(K)`): each tile is converted into one reused fp32
-    buffer (a bf16 arena is never copied whole), so memory does not grow with C.
+    A bf16/fp16 tile is converted into the caller's fp32 buffer [n, Hkv, D] (the arena is never
+    copied whole), so memory does not grow with C.
     """
-    vectors, mask, how = _token_view(query)
-    spec = query.spec
-    q_norm = query_norms(vectors, mask, query.folded)  # [B]
-    cosine = query.spec.similarity == "cosine"
-    coef = bound_coef(query, fast_cosine=cosine)
-    C = router_keys.shape[0]
-    tile = tile or tile_chunks(router_keys[0].numel() if C else 1)
-    buf = router_keys.new_empty(min(tile, C), *router_keys.shape[1:], dtype=torch.float32)
-    for start in range(0, C, tile):
-        n = min(tile, C - start)
-        keys = router_keys[start : start + n]
+
+    def __init__(self, query: RoutingQuery, router_keys: torch.Tensor):
+        self.query, self.router_keys = query, router_keys
+        self.vectors, self.mask, self.how = _token_view(query)
+        self.q_norm = query_norms(self.vectors, self.mask, query.folded)  # [B]
+        self.cosine = query.spec.similarity == "cosine"
+        self.coef = bound_coef(query, fast_cosine=self.cosine)
+
+    def buffer(self, tile: int) -> torch.Tensor:
+        return self.router_keys.new_empty(min(tile, self.router_keys.shape[0]), *self.router_keys.shape[1:], dtype=torch.float32)
+
+    def tile(self, start: int, n: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.router_keys[start : start + n]
         if keys.dtype != torch.float32:
             keys = buf[:n].copy_(keys)  # bf16 / fp16 -> fp32, per tile
-        if cosine:
+        if self.cosine:
             keys = _normalize_fast(keys)
-        a = _reduce_tokens(_pair_scores32(vectors, keys, query.folded, spec.group), mask, how, exact=False)
-        yield start, a, bound(coef, q_norm[:, None], head_norms(keys, query.folded)[None, :])
+        s = _pair_scores32(self.vectors, keys, self.query.folded, self.query.spec.group)  # [B, T, n]
+        a = _reduce_tokens(s, self.mask, self.how, exact=False)
+        return a, bound(self.coef, self.q_norm[:, None], head_norms(keys, self.query.folded)[None, :])
 
+
+def first_pass(query: RoutingQuery, router_keys: torch.Tensor, tile: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`FirstPass` over every tile in order, on this thread: yields (start, a [B, n], e [B, n])."""
+    C = router_keys.shape[0]
+    tile = tile or tile_chunks(router_keys[0].numel() if C else 1)
+    scorer = FirstPass(query, router_keys)
+    buf = scorer.buffer(tile)
+    for start in range(0, C, tile):
+        n = min(tile, C - start)
+        yield (start, *scorer.tile(start, n, buf))
 
 
 if HAS_TRITON:

@@ -24,13 +24,17 @@ selected, the k winners included, gets its canonical value. So the result equals
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
 from msa_cluster.kernels._common import FLOAT_DTYPES, check_tensor, use_triton
 from msa_cluster.kernels._exact import bound, fixed_sum, round_down_fp32, round_up_fp32
 from msa_cluster.kernels.routing import (
+    FirstPass,
     _check_doc_offsets,
     _pair_scores32,
     _token_view,
@@ -42,6 +46,7 @@ from msa_cluster.kernels.routing import (
     normalize_heads,
     query_norms,
     reduce_doc_chunks,
+    tile_chunks,
 )
 from msa_cluster.types import RoutingQuery, ScoredDoc
 
@@ -81,12 +86,73 @@ class _Boundary:
         merged = torch.cat([self.best, doc_lb], dim=1)
         self.best = merged.topk(self.k, dim=1).values
 
+    @classmethod
+    def merge(cls, parts: Sequence[_Boundary]) -> _Boundary:
+        """One boundary from workers' boundaries over disjoint tiles (each document counted once)."""
+        out = parts[0]
+        for p in parts[1:]:
+            out.rows += p.rows
+            out.chunks += p.chunks
+            out.ubs += p.ubs
+            out.best = torch.cat([out.best, p.best], dim=1).topk(out.k, dim=1).values
+        return out
+
     def needed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows [Q], chunks [Q], floor [Q] fp32): the chunks the float64 pass must score."""
         thr = self.best[:, -1]  # [B]
         rows, chunks, ubs = torch.cat(self.rows), torch.cat(self.chunks), torch.cat(self.ubs)
         keep = ubs >= thr[rows]
         return rows[keep], chunks[keep], thr[rows[keep]]
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch runs single-threaded inside (restored by the last of overlapping callers): the
+    workers own the cores. Two-thread torch GEMMs on tiles this small stall whenever one of their
+    threads is descheduled (measured in bench/bench_routing.py on a loaded machine)."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
+def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.Tensor, visible: torch.Tensor, k: int,
+                tile: int, workers: int) -> _Boundary:
+    """Pass 1 with chunk max on CPU: `workers` threads (one torch thread each) take tiles from one
+    queue, so a descheduled worker delays the call by at most one tile, never the others."""
+    scorer = FirstPass(query, router_keys)
+    C, B = router_keys.shape[0], query.batch_size
+    starts = iter(range(0, C, tile))
+    lock = threading.Lock()
+
+    def run() -> _Boundary:
+        boundary, buf = _Boundary(B, k, offsets, visible), scorer.buffer(tile)
+        while True:
+            with lock:
+                start = next(starts, None)
+            if start is None:
+                return boundary
+            boundary.add(start, *scorer.tile(start, min(tile, C - start), buf))
+
+    workers = max(1, min(workers, -(-C // tile)))
+    if workers == 1:
+        return run()
+    with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
+        return _Boundary.merge([f.result() for f in [pool.submit(run) for _ in range(workers)]])
 
 
 def _mean_candidates(B: int, k: int, offsets: torch.Tensor, visible: torch.Tensor,
@@ -186,13 +252,15 @@ def _check(query: RoutingQuery, router_keys: object, doc_offsets: object, doc_id
 
 
 def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor, doc_ids: torch.Tensor,
-                k: int, visible: torch.Tensor | None = None, *, tile: int | None = None) -> list[list[ScoredDoc]]:
+                k: int, visible: torch.Tensor | None = None, *, tile: int | None = None,
+                workers: int | None = None) -> list[list[ScoredDoc]]:
     """Exact top-k documents of each query row: [B] lists, best first, equal (ids and fp32 scores)
     to `select_top_k(doc_scores_ref(...) masked by visible, doc_ids, k)` bit for bit.
 
     router_keys: [C, Hkv, D] fp32/bf16/fp16 of N documents laid out contiguously; doc_offsets
     [N + 1]; doc_ids [N] int64; visible: [B, N] or [N] bool (None: all). `tile` (CPU chunks per
-    first-pass tile; default `routing.tile_chunks(K)`) changes speed only. Example:
+    first-pass tile; default `routing.tile_chunks(K)`) and `workers` (CPU threads scoring tiles,
+    one torch thread each; default torch.get_num_threads()) change speed only. Example:
         >>> from msa_cluster.types import RoutingSpec
         >>> from msa_cluster.kernels.routing import prepare_queries
         >>> spec = RoutingSpec(num_heads=2, num_kv_heads=1)
@@ -207,17 +275,23 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
     dev = router_keys.device
     offsets = doc_offsets.to(dev, torch.int64)
     query = query if query.vectors.device == dev else RoutingQuery(query.vectors.to(dev), query.mask.to(dev), query.spec, query.folded)
-    if use_triton(query.vectors, router_keys):  # one launch over every chunk: a single tile
+    cuda = use_triton(query.vectors, router_keys)
+    tile = tile or tile_chunks(router_keys[0].numel())
+    tiles: Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+    if cuda:  # one launch over every chunk: a single tile
         keys = normalize_heads(router_keys) if query.spec.similarity == "cosine" else router_keys
         vectors, mask, _ = _token_view(query)
         e = bound(bound_coef(query), query_norms(vectors, mask, query.folded)[:, None], head_norms(keys, query.folded)[None, :])
-        tiles = iter([(0, chunk_scores_triton(query, keys.contiguous()), e)])
-    else:
+        tiles = [(0, chunk_scores_triton(query, keys.contiguous()), e)]
+    else:  # lazy: the chunk-max path streams its tiles through `_stream_max` instead
         tiles = first_pass(query, router_keys, tile)
     if query.spec.chunk_reduce == "max":
-        boundary = _Boundary(B, k, offsets, vis)
-        for start, a, e in tiles:
-            boundary.add(start, a, e)
+        if cuda:
+            boundary = _Boundary(B, k, offsets, vis)
+            for start, a, e in tiles:
+                boundary.add(start, a, e)
+        else:
+            boundary = _stream_max(query, router_keys, offsets, vis, k, tile, workers or torch.get_num_threads())
         rows, chunks, floor = boundary.needed()
         exact = _exact_chunks(query, router_keys, rows, chunks, floor)
         docs = torch.searchsorted(offsets, chunks, right=True) - 1

@@ -107,14 +107,15 @@ def test_cancelling_scores_are_exact():
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[3], SPECS[5]])
 def test_selections_do_not_depend_on_tile_threads_batch_or_shard(spec):
     """The same row gets identical selections and scores with any first-pass tile, 1 or 2 torch
-    threads, alone or batched with other rows (padded to a longer T), and from any sharding merged."""
+    threads, 1 to 5 tile workers, alone or batched with other rows (padded to a longer T), and from any sharding merged."""
     query, keys, offsets, ids, _ = _case(4, spec, B=3, T=6, docs=50, max_chunks=9)
     want = route_top_k(query, keys, offsets, ids, 6)
     threads = torch.get_num_threads()
     try:
-        for tile, n_threads in ((1, 1), (7, 2), (64, 1), (4096, 2)):
+        for tile, n_threads, workers in ((1, 1, 1), (7, 2, 2), (64, 1, 3), (4096, 2, None), (3, 2, 5)):
             torch.set_num_threads(n_threads)
-            assert route_top_k(query, keys, offsets, ids, 6, tile=tile) == want
+            assert route_top_k(query, keys, offsets, ids, 6, tile=tile, workers=workers) == want
+            assert torch.get_num_threads() == n_threads  # the workers' single-thread section restored it
     finally:
         torch.set_num_threads(threads)
     for b in range(3):  # each row alone, its tokens padded with 5 non-routing ones
