@@ -21,10 +21,8 @@ Ratios printed last.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +30,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import interleaved  # noqa: E402  (bench/ is this script's directory)
 
 from msa_cluster.kernels.attention import gathered_attention_ref, gathered_attention_triton  # noqa: E402
 from msa_cluster.kernels.routing import prepare_queries  # noqa: E402
@@ -46,21 +46,6 @@ LOWP_TOL = 1e-2
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    sync(device)
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(reps):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(device)
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def attention_case(Tq: int, chunks: int, prompt: int, dev: torch.device, seed: int):
@@ -112,7 +97,7 @@ def benchmarks(dev: torch.device, smoke: bool, reps: int) -> list[str]:
         query, keys, offsets, ids = routing_case(tokens, 1, T, dev)
         dst = torch.empty_like(keys)
         t = interleaved({"copy": lambda: dst.copy_(keys), "route": lambda: route_top_k(query, keys, offsets, ids, TOP_K)},
-                        dev, reps)
+                        reps, lambda: sync(dev))
         nbytes = C * K * 2
         print(f"routing T={T:>2} C={C}: route {t['route'] * 1e3:7.3f} ms ({nbytes / t['route'] / 1e9:7.1f} GB/s of keys, "
               f"{2 * T * K * C / t['route'] / 1e12:6.2f} TFLOP/s) | copy {t['copy'] * 1e3:7.3f} ms "
@@ -122,7 +107,7 @@ def benchmarks(dev: torch.device, smoke: bool, reps: int) -> list[str]:
     batch, lone = routing_case(tokens, 32, 64, dev, 2), routing_case(tokens, 1, 64, dev, 2)
     t = interleaved({"B=32": lambda: route_top_k(batch[0], batch[1], batch[2], batch[3], TOP_K),
                      "32 x B=1": lambda: [route_top_k(lone[0], lone[1], lone[2], lone[3], TOP_K) for _ in range(32)]},
-                    dev, max(3, reps // 2))
+                    max(3, reps // 2), lambda: sync(dev))
     print(f"batching C={C}: one B=32 call {t['B=32'] * 1e3:.2f} ms, 32 calls at B=1 {t['32 x B=1'] * 1e3:.2f} ms", flush=True)
     ratios.append(f"  batching: 32 x B=1 / one B=32 = {t['32 x B=1'] / t['B=32']:.2f}x (goal >= 8)")
     prompt = 64 if smoke else 512
@@ -139,7 +124,7 @@ def benchmarks(dev: torch.device, smoke: bool, reps: int) -> list[str]:
         def full() -> None:
             F.scaled_dot_product_attention(fq, fk, fk, is_causal=True, enable_gqa=True)
 
-        t = interleaved({"msa": msa, "full": full}, dev, reps)
+        t = interleaved({"msa": msa, "full": full}, reps, lambda: sync(dev))
         print(f"attention per layer, L={L} + prompt {prompt}: msa (route + sparse prefill) {t['msa'] * 1e3:.2f} ms | "
               f"full causal SDPA {t['full'] * 1e3:.2f} ms", flush=True)
         ratios.append(f"  per-layer attention L={L}: full / msa = {t['full'] / t['msa']:.1f}x (MLPs excluded)")

@@ -24,12 +24,9 @@ Ratios printed last: full / msa (goal >= 10 at 128K), full / (encode + msa), old
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +36,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import module_from_git  # noqa: E402  (bench/ is this script's directory)
 
 from msa_cluster.kernels.attention import gathered_attention_ref  # noqa: E402
 from msa_cluster.model import InProcessMemory, MSAForCausalLM  # noqa: E402
@@ -114,15 +113,7 @@ def prefill_section(model: MSAForCausalLM, sizes: list[int], msa_only: set[int],
 
 
 def old_attention_ref() -> Callable[..., torch.Tensor]:
-    src = subprocess.run(["git", "show", f"{OLD_COMMIT}:msa_cluster/kernels/attention.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "old_attention.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("old_attention", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn: Callable[..., torch.Tensor] = module.gathered_attention_ref
+    fn: Callable[..., torch.Tensor] = module_from_git(OLD_COMMIT, "msa_cluster/kernels/attention.py", "old_attention").gathered_attention_ref
     return fn
 
 

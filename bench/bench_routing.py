@@ -22,20 +22,20 @@ Ratios printed last: gemm time / route time (the goal is >= 0.9), and before / r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import interleaved, module_from_git  # noqa: E402  (bench/ is this script's directory)
 
 from msa_cluster.kernels.routing import prepare_queries, select_top_k  # noqa: E402
 from msa_cluster.kernels.routing_exact import route_top_k  # noqa: E402
@@ -47,32 +47,9 @@ OLD_COMMIT = "cd4fe2d"
 BUSY = "import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\nwhile True: a @ a"
 
 
-def old_routing():
+def old_routing() -> ModuleType:
     """The routing module as it was before exact routing (float64 tiles), from git history."""
-    src = subprocess.run(["git", "show", f"{OLD_COMMIT}:msa_cluster/kernels/routing.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "old_routing.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("old_routing", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["old_routing"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds of each fn, the variants run in rotating order inside each repeat."""
-    for fn in fns.values():
-        fn()  # warm
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return module_from_git(OLD_COMMIT, "msa_cluster/kernels/routing.py", "old_routing")
 
 
 def peak_gemm(threads: int) -> float:
