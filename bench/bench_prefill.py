@@ -24,6 +24,8 @@ Ratios printed last: full / msa (goal >= 10 at 128K), full / (encode + msa), old
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -44,6 +46,7 @@ from msa_cluster.model import InProcessMemory, MSAForCausalLM  # noqa: E402
 
 DOC_TOKENS, PROMPT, TEMPLATE = 2048, 64, 3
 OLD_COMMIT = "cd4fe2d"
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 def _rss_kib(field: str) -> int:
@@ -55,6 +58,8 @@ def _rss_kib(field: str) -> int:
 
 def measured(fn: Callable[[], object]) -> tuple[float, float, object]:
     """(seconds, peak extra resident MiB, result) of one call."""
+    gc.collect()
+    _LIBC.malloc_trim(0)  # hand freed heap back to the OS, so that new allocations show in the resident size
     Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark (VmHWM)
     before = _rss_kib("VmRSS")
     t0 = time.perf_counter()
