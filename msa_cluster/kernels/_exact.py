@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from msa_cluster.kernels._common import next_power_of_2
 
-__all__ = ["fixed_sum", "fixed_norm", "norm_upper", "fp32_dot_error", "bound", "round_up_fp32", "round_down_fp32",
+__all__ = ["fixed_sum", "fixed_norm", "norm_upper", "fp32_dot_error", "bound", "upper", "lower", "round_up_fp32", "round_down_fp32",
            "gamma", "UNIT_FP32"]
 
 UNIT_FP32 = 2.0**-24  # unit roundoff of fp32 (round to nearest)
 _SLACK = 1.001  # covers the float64 rounding of the bound's own arithmetic (relative 1e-13 at most)
 _TINY = 2.0**-140  # absolute cover for fp32 underflow (subnormal products lose at most 2^-150 each)
+_INF = torch.tensor(float("inf"))
 
 
 def fixed_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -80,11 +81,20 @@ def fp32_dot_error(width: int, tokens: int, key_error: float = 0.0) -> float:
 
 
 def bound(coef: float, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
-    """The absolute bound coef * |q| * |k| + tiny, broadcast, float64."""
-    return coef * q_norm.double() * k_norm.double() + _TINY
+    """The absolute bound coef * |q| * |k| + tiny, broadcast, in fp32 (its own three roundings, 3u
+    relative, are far inside coef's slack; a product that overflows gives inf, a trivial bound)."""
+    return coef * q_norm.float() * k_norm.float() + _TINY
 
 
-_INF = torch.tensor(float("inf"))
+def upper(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """An fp32 >= x + e for fp32 x, e: the rounded sum moved one ulp up (the rounding error is
+    below one ulp of the result, also where the result is a power of two)."""
+    return torch.nextafter(x + e, _INF.to(x.device))
+
+
+def lower(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """An fp32 <= x - e for fp32 x, e (see `upper`)."""
+    return torch.nextafter(x - e, -_INF.to(x.device))
 
 
 def round_up_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from msa_cluster.kernels._common import FLOAT_DTYPES, check_tensor, use_triton
-from msa_cluster.kernels._exact import bound, fixed_sum, round_down_fp32, round_up_fp32
+from msa_cluster.kernels._exact import bound, fixed_sum, lower, round_down_fp32, round_up_fp32, upper
 from msa_cluster.kernels.routing import (
     FirstPass,
     _check_doc_offsets,
@@ -70,8 +70,8 @@ class _Boundary:
         n = a.shape[1]
         doc = torch.searchsorted(self.offsets, torch.arange(start, start + n, device=a.device), right=True) - 1  # [n]
         ok = self.visible[:, doc] & (a > -math.inf)
-        ub = round_up_fp32(a.double() + e).masked_fill(~ok, -math.inf)
-        lb = round_down_fp32(a.double() - e).masked_fill(~ok, -math.inf)
+        ub = upper(a, e).masked_fill(~ok, -math.inf)
+        lb = lower(a, e).masked_fill(~ok, -math.inf)
         rows, cols = torch.nonzero(ok & (ub >= self.best[:, -1:]), as_tuple=True)
         self.rows.append(rows)
         self.chunks.append(cols + start)
@@ -165,7 +165,7 @@ def _mean_candidates(B: int, k: int, offsets: torch.Tensor, visible: torch.Tenso
     for start, a, e in tiles:
         doc = torch.searchsorted(offsets, torch.arange(start, start + a.shape[1], device=a.device), right=True) - 1
         total.index_add_(1, doc, a.double())
-        slack.index_add_(1, doc, e)
+        slack.index_add_(1, doc, e.double())
     mean = total / lengths.clamp_min(1).double()
     err = slack / lengths.clamp_min(1).double() * 1.001  # + the float64 rounding of these sums
     ok = visible & (lengths > 0)[None, :] & (mean > -math.inf)
@@ -211,10 +211,10 @@ def _exact_chunks(query: RoutingQuery, router_keys: torch.Tensor, rows: torch.Te
         dense[q_idx, toks] = _exact_pairs(vectors, keys, q_idx, rows, toks, query)
         count = routed.sum(dim=1).double()
         return (fixed_sum(dense, dim=1) / count.clamp_min(1)).masked_fill(count == 0, -math.inf)
-    s32 = _rescore32(vectors, keys, rows, query).double()
+    s32 = _rescore32(vectors, keys, rows, query)
     e = bound(bound_coef(query), head_norms(vectors, query.folded)[rows], head_norms(keys, query.folded)[:, None])
-    lb_chunk = round_down_fp32(s32 - e).masked_fill(~routed, -math.inf).amax(dim=1)  # [Q]
-    q_idx, toks = torch.nonzero(routed & (round_up_fp32(s32 + e) >= torch.maximum(floor, lb_chunk)[:, None]), as_tuple=True)
+    lb_chunk = lower(s32, e).masked_fill(~routed, -math.inf).amax(dim=1)  # [Q]
+    q_idx, toks = torch.nonzero(routed & (upper(s32, e) >= torch.maximum(floor, lb_chunk)[:, None]), as_tuple=True)
     exact = _exact_pairs(vectors, keys, q_idx, rows, toks, query)
     out = torch.full((Q,), -math.inf, dtype=torch.float64, device=keys.device)
     return out.scatter_reduce(0, q_idx, exact, reduce="amax")

@@ -199,3 +199,13 @@ def test_outward_rounding_to_fp32():
     assert (up.double() >= x).all() and (down.double() <= x).all()
     ulp = torch.tensor([2**-23, 2**-23, 2**-24, 2.0**(99 - 23)], dtype=torch.float64)
     assert ((up.double() - x) <= 2 * ulp).all() and ((x - down.double()) <= 2 * ulp).all()
+
+
+def test_upper_and_lower_enclose_an_fp32_sum():
+    """upper(x, e) >= x + e >= ... >= x - e >= lower(x, e) exactly, powers of two and negatives included."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(1000, generator=g) * 100, torch.tensor([1.0, -1.0, 2.0**-20, -(2.0**30), 0.0])])
+    e = torch.cat([torch.rand(1000, generator=g) * 1e-3, torch.tensor([2.0**-24, 2.0**-25, 2.0**-44, 1.0, 2.0**-140])])
+    x64, e64 = x.double(), e.double()
+    assert (_exact.upper(x, e).double() >= x64 + e64).all()
+    assert (_exact.lower(x, e).double() <= x64 - e64).all()
