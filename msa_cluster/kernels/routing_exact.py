@@ -52,6 +52,7 @@ from msa_cluster.types import RoutingQuery, ScoredDoc
 
 __all__ = ["route_top_k"]
 
+_TILES_PER_WORKER = 4
 _PAIR_BLOCK = 4096  # (token, chunk) pairs per float64 block: bounds the pass's memory, never its values
 
 
@@ -148,7 +149,9 @@ def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.T
                 return boundary
             boundary.add(start, *scorer.tile(start, min(tile, C - start), buf))
 
-    workers = max(1, min(workers, -(-C // tile)))
+    # at least 4 tiles per worker: the queue then absorbs a descheduled worker (it takes fewer
+    # tiles); with fewer tiles the call would wait for it, so one thread does them all
+    workers = max(1, min(workers, -(-C // tile) // _TILES_PER_WORKER))
     if workers == 1:
         return run()
     with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:

@@ -112,7 +112,7 @@ def test_selections_do_not_depend_on_tile_threads_batch_or_shard(spec):
     want = route_top_k(query, keys, offsets, ids, 6)
     threads = torch.get_num_threads()
     try:
-        for tile, n_threads, workers in ((1, 1, 1), (7, 2, 2), (64, 1, 3), (4096, 2, None), (3, 2, 5)):
+        for tile, n_threads, workers in ((1, 1, 1), (7, 2, 2), (8, 1, 3), (4096, 2, None), (3, 2, 5)):
             torch.set_num_threads(n_threads)
             assert route_top_k(query, keys, offsets, ids, 6, tile=tile, workers=workers) == want
             assert torch.get_num_threads() == n_threads  # the workers' single-thread section restored it
