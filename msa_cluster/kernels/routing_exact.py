@@ -134,7 +134,9 @@ def _one_torch_thread() -> Iterator[None]:
 def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.Tensor, visible: torch.Tensor, k: int,
                 tile: int, workers: int) -> _Boundary:
     """Pass 1 with chunk max on CPU: `workers` threads (one torch thread each) take tiles from one
-    queue, so a descheduled worker delays the call by at most one tile, never the others."""
+    queue, so a descheduled worker delays the call by at most one tile, never the others. A
+    torch GEMM on two threads splits every tile between them and waits for both at its end: on a
+    loaded machine that costs 10-20x (bench/bench_routing.py, 128K tokens, 2 threads, loaded)."""
     scorer = FirstPass(query, router_keys)
     C, B = router_keys.shape[0], query.batch_size
     starts = iter(range(0, C, tile))
@@ -152,10 +154,11 @@ def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.T
     # at least 4 tiles per worker: the queue then absorbs a descheduled worker (it takes fewer
     # tiles); with fewer tiles the call would wait for it, so one thread does them all
     workers = max(1, min(workers, -(-C // tile) // _TILES_PER_WORKER))
-    if workers == 1:
-        return run()
-    with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
-        return _Boundary.merge([f.result() for f in [pool.submit(run) for _ in range(workers)]])
+    with _one_torch_thread():  # never torch's own threads: their barriers stall under load
+        if workers == 1:
+            return run()
+        with ThreadPoolExecutor(workers) as pool:
+            return _Boundary.merge([f.result() for f in [pool.submit(run) for _ in range(workers)]])
 
 
 def _mean_candidates(B: int, k: int, offsets: torch.Tensor, visible: torch.Tensor,
@@ -303,7 +306,8 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
         scores = best.scatter_reduce(0, inverse, exact, reduce="amax")
         doc_rows, doc_idx = key // N, key % N
     else:
-        doc_rows, doc_idx = _mean_candidates(B, k, offsets, vis, tiles)
+        with _one_torch_thread():
+            doc_rows, doc_idx = _mean_candidates(B, k, offsets, vis, tiles)
         scores = _exact_doc_means(query, router_keys, offsets, doc_rows, doc_idx)
     return _rank(doc_rows.cpu(), doc_ids.cpu()[doc_idx.cpu()], scores.float().cpu(), B, k)
 
