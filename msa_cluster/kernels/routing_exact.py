@@ -53,6 +53,7 @@ from msa_cluster.types import RoutingQuery, ScoredDoc
 __all__ = ["route_top_k"]
 
 _TILES_PER_WORKER = 4
+_MIN_TILE_FLOP = 1 << 26  # a tile's GEMM at least this big (~1 ms here): its bookkeeping (~0.2 ms) stays small
 _PAIR_BLOCK = 4096  # (token, chunk) pairs per float64 block: bounds the pass's memory, never its values
 
 
@@ -161,6 +162,15 @@ def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.T
             return _Boundary.merge([f.result() for f in [pool.submit(run) for _ in range(workers)]])
 
 
+def _tile_for(C: int, width: int, rows: int, workers: int) -> int:
+    """Chunks per CPU tile: small enough for `workers` to get _TILES_PER_WORKER tiles each, but no
+    smaller than _MIN_TILE_FLOP of work for `rows` query rows of `width`, and no larger than
+    `tile_chunks` (the cache bound)."""
+    least = -(-_MIN_TILE_FLOP // (2 * max(rows, 1) * max(width, 1)))
+    spread = -(-C // (_TILES_PER_WORKER * max(workers, 1)))
+    return max(1, min(tile_chunks(width), max(least, spread)))
+
+
 def _mean_candidates(B: int, k: int, offsets: torch.Tensor, visible: torch.Tensor,
                      tiles: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """chunk_reduce "mean": (rows [P], docs [P]) of the documents whose ub reaches the k-th lower bound."""
@@ -265,8 +275,8 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
 
     router_keys: [C, Hkv, D] fp32/bf16/fp16 of N documents laid out contiguously; doc_offsets
     [N + 1]; doc_ids [N] int64; visible: [B, N] or [N] bool (None: all). `tile` (CPU chunks per
-    first-pass tile; default `routing.tile_chunks(K)`) and `workers` (CPU threads scoring tiles,
-    one torch thread each; default torch.get_num_threads()) change speed only. Example:
+    first-pass tile; default `_tile_for`) and `workers` (CPU threads scoring tiles, one torch thread
+    each; default torch.get_num_threads()) change speed only. Example:
         >>> from msa_cluster.types import RoutingSpec
         >>> from msa_cluster.kernels.routing import prepare_queries
         >>> spec = RoutingSpec(num_heads=2, num_kv_heads=1)
@@ -282,7 +292,8 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
     offsets = doc_offsets.to(dev, torch.int64)
     query = query if query.vectors.device == dev else RoutingQuery(query.vectors.to(dev), query.mask.to(dev), query.spec, query.folded)
     cuda = use_triton(query.vectors, router_keys)
-    tile = tile or tile_chunks(router_keys[0].numel())
+    workers = workers or torch.get_num_threads()
+    tile = tile or _tile_for(C, router_keys[0].numel(), query.batch_size * _token_view(query)[0].shape[1], workers)
     tiles: Iterable[tuple[int, torch.Tensor, torch.Tensor]]
     if cuda:  # one launch over every chunk: a single tile
         keys = normalize_heads(router_keys) if query.spec.similarity == "cosine" else router_keys
@@ -297,7 +308,7 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
             for start, a, e in tiles:
                 boundary.add(start, a, e)
         else:
-            boundary = _stream_max(query, router_keys, offsets, vis, k, tile, workers or torch.get_num_threads())
+            boundary = _stream_max(query, router_keys, offsets, vis, k, tile, workers)
         rows, chunks, floor = boundary.needed()
         exact = _exact_chunks(query, router_keys, rows, chunks, floor)
         docs = torch.searchsorted(offsets, chunks, right=True) - 1
