@@ -140,7 +140,7 @@ def main() -> None:
                         t = interleaved(fns, reps)
                     label = f"{tokens // 1024:>5}K C={C:>6} B={B:>2} {threads}t {'loaded' if loaded else 'quiet '}"
                     rates = "  ".join(f"{n} {t[n] * 1e3:8.1f} ms ({flop / t[n] / 1e9:5.1f} GFLOP/s)" for n in t)
-                    print(f"{label}  {rates}", flush=True)
+                    print(f"{label}  {rates}  (load {os.getloadavg()[0]:.1f})", flush=True)
                     ratios.append((label, t["gemm"] / t["route"], t.get("before", float("nan")) / t["route"]))
     print("\nratios (gemm / route: goal >= 0.9; before / route: speed-up over the float64 tiles)")
     for label, r_gemm, r_before in ratios:

@@ -209,3 +209,14 @@ def test_upper_and_lower_enclose_an_fp32_sum():
     x64, e64 = x.double(), e.double()
     assert (_exact.upper(x, e).double() >= x64 + e64).all()
     assert (_exact.lower(x, e).double() <= x64 - e64).all()
+
+
+def test_cpu_tiles_follow_the_work_and_the_workers():
+    """A lone query keeps big tiles (one worker); a batch gets enough tiles for every worker; no tile
+    exceeds the cache bound."""
+    from msa_cluster.kernels.routing import tile_chunks
+    from msa_cluster.kernels.routing_exact import _TILES_PER_WORKER, _tile_for
+
+    assert _tile_for(2048, 1024, rows=64, workers=2) == 512  # 64 MFLOP per tile: 4 tiles, too few for 2 workers
+    assert -(-2048 // _tile_for(2048, 1024, rows=2048, workers=2)) >= 2 * _TILES_PER_WORKER
+    assert _tile_for(10**6, 1024, rows=64, workers=2) == tile_chunks(1024)
