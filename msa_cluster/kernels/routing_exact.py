@@ -166,8 +166,10 @@ def _tile_for(C: int, width: int, rows: int, workers: int) -> int:
     """Chunks per CPU tile: small enough for `workers` to get _TILES_PER_WORKER tiles each, but no
     smaller than _MIN_TILE_FLOP of work for `rows` query rows of `width`, and no larger than
     `tile_chunks` (the cache bound)."""
+    if workers <= 1:
+        return tile_chunks(width)
     least = -(-_MIN_TILE_FLOP // (2 * max(rows, 1) * max(width, 1)))
-    spread = -(-C // (_TILES_PER_WORKER * max(workers, 1)))
+    spread = -(-C // (_TILES_PER_WORKER * workers))
     return max(1, min(tile_chunks(width), max(least, spread)))
 
 

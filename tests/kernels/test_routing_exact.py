@@ -220,3 +220,4 @@ def test_cpu_tiles_follow_the_work_and_the_workers():
     assert _tile_for(2048, 1024, rows=64, workers=2) == 512  # 64 MFLOP per tile: 4 tiles, too few for 2 workers
     assert -(-2048 // _tile_for(2048, 1024, rows=2048, workers=2)) >= 2 * _TILES_PER_WORKER
     assert _tile_for(10**6, 1024, rows=64, workers=2) == tile_chunks(1024)
+    assert _tile_for(2048, 1024, rows=2048, workers=1) == tile_chunks(1024)  # one worker: the biggest tiles
