@@ -1,4 +1,8 @@
-"""Compute kernels: each op has a readable `<op>_ref` and a dispatcher that picks by device."""
+"""Compute kernels: each op has a readable `<op>_ref` and a dispatcher that picks by device.
+
+`route_top_k` is the routing selection: exact (the canonical float64 scores of `doc_scores_ref`)
+at the cost of the fp32 first pass (`doc_scores`).
+"""
 
 from msa_cluster.kernels.attention import gathered_attention, gathered_attention_ref
 from msa_cluster.kernels.pooling import chunk_mean, chunk_mean_ref, num_chunks

@@ -57,10 +57,11 @@ __all__ = [
     "merge_top_k",
 ]
 
-# Bytes of fp32 keys per first-pass tile on CPU. Any tile gives the same selections and scores
-# (the float64 pass decides them). 4 MiB (1,024 chunks at MSA-4B's K = 1024) amortises the
-# per-tile bookkeeping and was measured fastest here (bench/bench_routing.py); the bf16 -> fp32
-# conversion goes into one reused buffer of this size.
+# Bytes of fp32 keys per first-pass tile on CPU: the largest tile the routing uses. Any tile gives
+# the same selections and scores (the float64 pass decides them). 4 MiB (1,024 chunks at MSA-4B's
+# K = 1024) amortises the per-tile bookkeeping; of 64- to 1,024-chunk tiles (conversion + GEMM,
+# one thread, 2026-12-03) it was the fastest here. The bf16 -> fp32 conversion goes into one
+# reused buffer of this size.
 TILE_BYTES = 4 << 20
 TILE = 1024  # chunks per tile at K = 1024 (TILE_BYTES // (4 * K)); other widths scale with K
 
@@ -68,6 +69,7 @@ TILE = 1024  # chunks per tile at K = 1024 (TILE_BYTES // (4 * K)); other widths
 def tile_chunks(width: int) -> int:
     """Chunks per first-pass tile for an inner-product width K: TILE_BYTES of fp32 keys, at least 64."""
     return max(64, TILE_BYTES // (4 * max(width, 1)))
+
 
 # Triton tiles. Fixed, never derived from the number of chunks: a chunk's score is computed by
 # the same instructions in the same order wherever it sits in a shard of any size.
