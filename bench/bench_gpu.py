@@ -9,7 +9,9 @@ Numerics (bf16, MSA-4B attention shape H 32 / Hkv 8 x D 128):
 - decode: one token over S = 3 + 4,096 + 512 slots, split-K chosen by the launcher, and forced
   to 1 split, against the reference;
 - routing: route_top_k on the GPU (Triton fp32 first pass) and on the CPU (fused tiles) on the
-  same bf16 keys must agree bit for bit (ids and scores), B = 4, T = 64, 128K tokens.
+  same bf16 keys must agree bit for bit (ids and scores), B = 4, T = 64, 128K tokens;
+- model: the tiny test model in bf16 on the GPU (prefill, then a 3-token decode) against the dense
+  fp32 reference of tests/model/helpers, and decode against the prefill of the longer prompt.
 Benchmarks (medians of interleaved repeats, FLOP and byte formulas in each line):
 - routing vs device copy bandwidth of the bf16 keys (bytes = C * K * 2), T = 1, 16, 64, 1M tokens;
 - batching: one B = 32 call against 32 calls at B = 1 (throughput ratio, goal >= 8);
@@ -79,6 +81,33 @@ def numerics(dev: torch.device, smoke: bool) -> list[str]:
     return lines
 
 
+def model_numerics(dev: torch.device) -> list[str]:
+    """The tiny test model in bf16 on `dev` (Triton pooling, exact routing, Triton attention and
+    split-K decode) against the dense fp32 reference of tests/model/helpers on CPU."""
+    from msa_cluster.model import InProcessMemory
+    from tests.model.helpers import Dense, make_model, random_docs, random_prompt
+
+    model = make_model(seed=21)
+    docs = random_docs([40, 130, 7, 90, 66], model.config.vocab_size)
+    ids, mask = random_prompt(model, 20)
+    dense = Dense(model)
+    logits, selections = dense.prefill(ids[0], mask[0], [dense.encode(d) for d in docs])
+    lowp = make_model(seed=21).to(dev, torch.bfloat16)
+    out = lowp.prefill(ids.to(dev), InProcessMemory.from_documents(lowp, docs), mask.to(dev), reserve=4)
+    err = float((out.logits[0].float().cpu() - logits).abs().max())
+    ok = err <= 0.1 * (1 + float(logits.abs().max()))  # bf16 through 4 layers: a loose bound, selections reported
+    same = out.selected == selections
+    extra = torch.tensor([[5, 77, 130]], device=dev)
+    step = lowp.decode(out.context, extra)
+    longer = lowp.prefill(torch.cat([ids.to(dev), extra], 1), InProcessMemory.from_documents(lowp, docs),
+                          torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], 1).to(dev))
+    dec_err = float((step.float() - longer.logits[:, -3:].float()).abs().max())
+    return [f"tiny model bf16 on {dev.type} vs dense fp32 reference: prefill logits max |err| {err:.3f}, "
+            f"selections {'equal' if same else 'DIFFER (bf16 scores)'} -> {'PASS' if ok else 'FAIL'}",
+            f"tiny model bf16 decode of 3 tokens vs prefill of the longer prompt: max |err| {dec_err:.3f} -> "
+            f"{'PASS' if dec_err <= 0.1 * (1 + float(longer.logits.abs().max())) else 'FAIL'}"]
+
+
 def routing_case(tokens: int, B: int, T: int, dev: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     C = max(tokens // 64, DOC_CHUNKS)
@@ -140,7 +169,7 @@ def main() -> None:
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"bench_gpu  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  device {name}  torch {torch.__version__}")
-    checks = numerics(dev, args.smoke)
+    checks = numerics(dev, args.smoke) + model_numerics(dev)
     print("\n".join(checks), flush=True)
     ratios = benchmarks(dev, args.smoke, 3 if args.smoke else args.reps)
     print("\nratios")
