@@ -221,3 +221,25 @@ def test_cpu_tiles_follow_the_work_and_the_workers():
     assert -(-2048 // _tile_for(2048, 1024, rows=2048, workers=2)) >= 2 * _TILES_PER_WORKER
     assert _tile_for(10**6, 1024, rows=64, workers=2) == tile_chunks(1024)
     assert _tile_for(2048, 1024, rows=2048, workers=1) == tile_chunks(1024)  # one worker: the biggest tiles
+
+
+def test_float64_pass_rescores_only_chunks_near_the_boundary(monkeypatch):
+    """On random keys the float64 pass sees a few chunks per selected document, not the memory:
+    the first pass's bound prunes everything that cannot reach the top-k (here < 5% of 4,000 chunks)."""
+    import msa_cluster.kernels.routing_exact as exact_module
+
+    kept: list[int] = []
+    real = exact_module._exact_chunks
+
+    def spy(query, keys, rows, chunks, floor):
+        kept.append(rows.numel())
+        return real(query, keys, rows, chunks, floor)
+
+    monkeypatch.setattr(exact_module, "_exact_chunks", spy)
+    g = torch.Generator().manual_seed(12)
+    rs = RoutingSpec(num_heads=8, num_kv_heads=4)
+    query = prepare_queries(torch.randn(2, 16, 8, 32, generator=g), torch.ones(2, 16, dtype=torch.bool), rs, 32**-0.5)
+    keys = torch.randn(4000, 4, 32, generator=g).bfloat16()
+    offsets, ids = torch.arange(0, 4001, 8), torch.arange(500)
+    assert route_top_k(query, keys, offsets, ids, 8, tile=256) == _canonical(query, keys, offsets, ids, 8)
+    assert kept and kept[0] < 0.05 * 4000
