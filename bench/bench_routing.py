@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import interleaved, module_from_git  # noqa: E402  (bench/ is this script's directory)
 
+from msa_cluster.kernels import routing_exact  # noqa: E402
 from msa_cluster.kernels.routing import prepare_queries, select_top_k  # noqa: E402
 from msa_cluster.kernels.routing_exact import route_top_k  # noqa: E402
 from msa_cluster.types import RoutingSpec  # noqa: E402
@@ -86,6 +87,22 @@ class Load:
             p.wait()
 
 
+def kept_chunks(query, keys, offsets, ids) -> int:
+    """How many chunks one route_top_k call hands to its float64 pass (what its memory holds beyond a tile)."""
+    real, seen = routing_exact._exact_chunks, []
+
+    def spy(q, k, rows, chunks, floor):  # type: ignore[no-untyped-def]
+        seen.append(rows.numel())
+        return real(q, k, rows, chunks, floor)
+
+    routing_exact._exact_chunks = spy
+    try:
+        route_top_k(query, keys, offsets, ids, TOP_K)
+    finally:
+        routing_exact._exact_chunks = real
+    return seen[0]
+
+
 def case(tokens: int, B: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     C = tokens // 64
@@ -123,6 +140,8 @@ def main() -> None:
             before = select_top_k(old.doc_scores_ref(query, keys, offsets), ids, TOP_K)
             assert [[d.doc_id for d in r] for r in got] == [[d.doc_id for d in r] for r in before]
             assert all(abs(a.score - b.score) <= 1e-6 for r, s in zip(got, before) for a, b in zip(r, s))
+            print(f"{tokens // 1024:>5}K C={C:>6} B={B:>2}: the float64 pass re-scores {kept_chunks(query, keys, offsets, ids)} "
+                  f"chunks of {B} x {C}", flush=True)
             fns: dict[str, Callable[[], object]] = {
                 "gemm": lambda: q2d @ kf.T,
                 "route": lambda: route_top_k(query, keys, offsets, ids, TOP_K),
