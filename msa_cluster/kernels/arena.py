@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msa_cluster.kernels.routing import doc_scores, select_top_k
+from msa_cluster.kernels.routing_exact import route_top_k
 from msa_cluster.types import RoutingQuery, ScoredDoc, SnapshotGoneError, routing_row
 
 __all__ = ["RouterArena", "Pin"]
@@ -203,14 +203,9 @@ class RouterArena:
         r = routing_row(self.routing_layers, layer)
         offsets, ids = self._columns()  # [E + 1], [E]
         q = query if query.vectors.device == self.device else _moved(query, self.device)
-        scores = doc_scores(q, self._keys[r, : self._used], offsets).cpu()  # [B, E]
-        out: list[list[ScoredDoc]] = [[] for _ in pins]
-        for pin in set(pins):
-            rows = [b for b, p in enumerate(pins) if p == pin]
-            masked = scores[rows].masked_fill(~self.visible(pin), -math.inf)
-            for b, picked in zip(rows, select_top_k(masked, ids, top_k)):
-                out[b] = picked
-        return out
+        masks = {pin: self.visible(pin) for pin in set(pins)}
+        visible = torch.stack([masks[pin] for pin in pins])  # [B, E]
+        return route_top_k(q, self._keys[r, : self._used], offsets, ids, top_k, visible)
 
     def entry(self, doc_id: int, pin: Pin) -> int | None:
         """Index of the entry of `doc_id` that `pin` sees, or None."""

@@ -54,20 +54,24 @@ if HAS_TRITON:
         k_ptr,  # [S, Hkv, D]
         v_ptr,  # [S, Hkv, D]
         slot_ptr,  # [Tq]
-        o_ptr,  # [Tq, H, D], q's dtype
+        o_ptr,  # [Tq, H, D], q's dtype; split-K: [splits, Tq, H, D] fp32 unnormalised partial sums
+        ml_ptr,  # split-K only: [splits, 2, Tq, H] fp32 running max and softmax denominator
         Tq,
         S,
         H,
         Hkv,
         D,
         scale,
+        split_len,  # slots per split (a multiple of BLOCK_N); program_id(2) takes slots [pid * split_len, +split_len)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         LOWP_DOT: tl.constexpr,  # True: dot operands in the input's 16-bit dtype; False: fp32, no TF32
+        SPLIT: tl.constexpr,  # write partial (acc, max, denominator) per split for `_combine_splits`
     ):
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
+        pid_s = tl.program_id(2)
         G = H // Hkv
         # addresses are a 64-bit scalar base plus small int32 offsets, which keeps registers free
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # t * G + r
@@ -88,8 +92,9 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         kv_off = tl.arange(0, BLOCK_N)[:, None] * (Hkv * D) + offs_d[None, :]  # within one slot tile
-        hi = tl.minimum(tl.max(slot) + 1, S)  # no row of this block sees a slot past hi
-        for n0 in range(0, hi, BLOCK_N):
+        lo = pid_s * split_len
+        hi = tl.minimum(tl.minimum(tl.max(slot) + 1, S), lo + split_len)  # no row of this block sees a slot past hi
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             kv_base = tl.cast(n0, tl.int64) * Hkv * D + kvh * D
             kv_ok = (cols < S)[:, None] & d_ok[None, :]
@@ -116,14 +121,39 @@ if HAS_TRITON:
                 pv = tl.dot(p, v, input_precision="ieee")
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        out = acc / l_i[:, None]  # a row that sees no slot (slot < 0) gives 0 / 0 = nan, like the reference
         # addresses rebuilt, not kept live through the loop: a [BLOCK_M, BLOCK_D] offset tensor costs registers
-        o_rows = o_ptr + q_base + row_off
-        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=qo_ok)
+        if SPLIT:
+            part = pid_s.to(tl.int64) * Tq * H
+            o_rows = o_ptr + (part * D + q_base) + row_off
+            tl.store(o_rows[:, None] + offs_d[None, :], acc, mask=qo_ok)
+            ml_rows = ml_ptr + (2 * part + t_first.to(tl.int64) * H) + row_off // D
+            tl.store(ml_rows, m_i, mask=row_ok)
+            tl.store(ml_rows + Tq * H, l_i, mask=row_ok)
+        else:
+            out = acc / l_i[:, None]  # a row that sees no slot (slot < 0) gives 0 / 0 = nan, like the reference
+            o_rows = o_ptr + q_base + row_off
+            tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=qo_ok)
+
+
+def _num_splits(programs: int, S: int, block_n: int, device: torch.device) -> int:
+    """Split-K factor: enough programs to fill the device (2 per SM) when few query rows (decode)
+    give few programs, but at least 4 slot tiles per split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    by_work = max(1, int(triton.cdiv(S, 4 * block_n)))
+    return max(1, min(by_work, (2 * sms) // max(programs, 1)))
+
+
+def _combine_splits(part: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+    """Merge split-K partials: part [splits, Tq, H, D] unnormalised sums, ml [splits, 2, Tq, H]
+    (max, denominator) -> [Tq, H, D] fp32 (nan for a row that saw no slot)."""
+    m, l_sum = ml[:, 0], ml[:, 1]
+    top = m.amax(dim=0)  # [Tq, H]
+    w = torch.exp(m - top.masked_fill(top == float("-inf"), 0.0))  # [splits, Tq, H]; 0 for empty splits
+    return (w.unsqueeze(-1) * part).sum(dim=0) / (w * l_sum).sum(dim=0).unsqueeze(-1)
 
 
 def gathered_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, scale: float, *, num_splits: int | None = None
 ) -> torch.Tensor:
     """Triton launcher with `gathered_attention_ref` semantics.
 
@@ -131,6 +161,8 @@ def gathered_attention_triton(
     under the Triton interpreter); q_slots int32/int64 [Tq]. fp32 inputs take fp32 dots without
     TF32; 16-bit inputs take 16-bit dots with fp32 accumulation (except bf16 on CPU: the
     interpreter computes bf16 dots wrongly, so fp32 there).
+    num_splits: split-K over the slots (None: chosen so that a decode step fills the GPU; each
+    split writes fp32 partials, merged by `_combine_splits`).
     """
     check_tensor("q", q, shape="[Tq, H, D]", ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, shape="[S, Hkv, D]", ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
@@ -148,19 +180,64 @@ def gathered_attention_triton(
         raise ValueError(f"query heads {H} must be a multiple of kv heads {Hkv}")
     if q_slots.shape[0] != Tq:
         raise ValueError(f"q_slots must have one slot per query token (Tq={Tq}), got {q_slots.shape[0]}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     if Tq == 0 or H == 0 or D == 0 or S == 0:
         return torch.zeros_like(q)  # an empty context reads nothing: zeros, like the reference's empty sum
-    out = torch.empty_like(q)
     require_triton()
     rows = Tq * (H // Hkv)
     lowp = q.dtype != torch.float32 and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
     block_m, block_n, num_warps = _launch_config(rows, lowp)
-    grid = (triton.cdiv(rows, block_m), Hkv)
+    programs = triton.cdiv(rows, block_m) * Hkv
+    splits = num_splits or _num_splits(programs, S, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, split_len)
+    if splits > 1:
+        out = torch.empty(splits, Tq, H, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(splits, 2, Tq, H, dtype=torch.float32, device=q.device)
+    else:
+        out, ml = torch.empty_like(q), q.new_empty(0, dtype=torch.float32)
+    grid = (triton.cdiv(rows, block_m), Hkv, splits)
     _gathered_attention_kernel[grid](
-        q, k, v, q_slots.to(q.device).contiguous(), out, Tq, S, H, Hkv, D, float(scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)), LOWP_DOT=lowp, num_warps=num_warps,
+        q, k, v, q_slots.to(q.device).contiguous(), out, ml, Tq, S, H, Hkv, D, float(scale), split_len,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)), LOWP_DOT=lowp, SPLIT=splits > 1,
+        num_warps=num_warps,
     )  # fmt: skip
-    return out
+    return _combine_splits(out, ml).to(q.dtype) if splits > 1 else out
+
+
+# Blocks of the reference: BLOCK_Q query tokens x BLOCK_S slots of logits at a time, so the
+# extra memory is H * BLOCK_Q * BLOCK_S floats (4 MiB at H = 4), never H * Tq * S.
+BLOCK_Q = 256
+BLOCK_S = 1024
+
+
+def _attend_block(q_blk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """Online softmax of one query block over the slots it can see.
+
+    q_blk: [Hkv, R, D] fp32, R = rows of (query token, group head); k, v: [Hkv, S, D] views of the
+    context (no copy); slots: [R] the slot of each row -> [Hkv, R, D] fp32 (nan for a row that sees
+    no slot, like a softmax over nothing)."""
+    Hkv, R, D = q_blk.shape
+    hi = min(int(slots.max()) + 1, k.shape[1])  # no row of this block sees a slot past hi
+    low = int(slots.min())  # key blocks entirely at or below every row's slot need no mask
+    m = q_blk.new_full((Hkv, R, 1), float("-inf"))
+    l_sum = q_blk.new_zeros(Hkv, R, 1)
+    acc = q_blk.new_zeros(Hkv, R, D)
+    for s0 in range(0, max(hi, 0), BLOCK_S):
+        s1 = min(s0 + BLOCK_S, hi)
+        logits = torch.matmul(q_blk, k[:, s0:s1].float().transpose(1, 2)) * scale  # [Hkv, R, s1 - s0]
+        if s1 - 1 > low:
+            cols = torch.arange(s0, s1, device=q_blk.device)
+            logits = logits.masked_fill(cols[None, None, :] > slots[None, :, None], float("-inf"))
+        m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
+        m_sub = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row that has seen nothing yet: exp(-inf) = 0, not nan
+        p = torch.exp(logits - m_sub)
+        alpha = torch.exp(m - m_sub)
+        l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, v[:, s0:s1].float())
+        m = m_new
+    return acc / l_sum
 
 
 def gathered_attention_ref(
@@ -168,20 +245,26 @@ def gathered_attention_ref(
 ) -> torch.Tensor:
     """q: [Tq, H, D]; k, v: [S, Hkv, D]; q_slots: [Tq] int64 buffer slot of each query -> [Tq, H, D].
 
-    Softmax in float32; the output has q's dtype.
+    Blocked online softmax in float32 (differentiable, for training too); the output has q's
+    dtype. GQA reads each kv head once for its G query heads (rows t * G + r), with no per-group
+    K/V copy; the extra memory is one BLOCK_Q x BLOCK_S block of logits per head.
     """
     Tq, H, D = q.shape
     S, Hkv, _ = k.shape
     if H % Hkv:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {Hkv}")
+    if S == 0 or Tq == 0:
+        return q.new_zeros(q.shape)  # an empty context reads nothing
     G = H // Hkv
-    kf = k.float().repeat_interleave(G, dim=1)  # [S, H, D]
-    vf = v.float().repeat_interleave(G, dim=1)
-    logits = torch.einsum("thd,shd->hts", q.float(), kf) * scale  # [H, Tq, S]
-    visible = torch.arange(S, device=q.device).unsqueeze(0) <= q_slots.unsqueeze(1)  # [Tq, S]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    out = torch.einsum("hts,shd->thd", torch.softmax(logits, dim=-1), vf)
-    return out.to(q.dtype)
+    k_h, v_h = k.permute(1, 0, 2), v.permute(1, 0, 2)  # [Hkv, S, D] views
+    slots = q_slots.to(q.device)
+    blocks = []
+    for t0 in range(0, Tq, BLOCK_Q):
+        n = min(BLOCK_Q, Tq - t0)
+        q_blk = q[t0 : t0 + n].float().view(n, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, n * G, D)  # [Hkv, n*G, D]
+        out = _attend_block(q_blk, k_h, v_h, slots[t0 : t0 + n].repeat_interleave(G), scale)
+        blocks.append(out.view(Hkv, n, G, D).permute(1, 0, 2, 3).reshape(n, H, D))  # [n, H, D]
+    return torch.cat(blocks).to(q.dtype)
 
 
 def gathered_attention(

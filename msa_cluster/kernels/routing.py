@@ -1,7 +1,8 @@
 """Routing: score routing queries against pooled router keys, reduce to document scores, top-k.
 
 Legend: B batch, T routing-query tokens, H query heads, Hkv kv heads, G = H // Hkv,
-D head dim, C chunks, N documents, K = Hkv * D (folded inner-product width).
+D head dim, C chunks, N documents, K = Hkv * D (folded inner-product width), W the width of one
+inner product (K folded, D per head).
 
 The canonical score (digest 2.4), for query token t and chunk c:
     s[t, c] = head_reduce_h <q[t, h], k[c, h // G]>           (q already scaled)
@@ -10,19 +11,20 @@ The canonical score (digest 2.4), for query token t and chunk c:
 With head_reduce == "mean" the head mean folds exactly into one K-wide inner product
 (q is pre-summed per kv-head group and divided by H), so routing is a plain MIPS.
 
-Reproducibility: a document's score must not depend on which other documents share its shard,
-or distributed selections would differ from local ones. The reference path therefore scores
-in fixed-width chunk tiles (one GEMM shape for every tile of every shard) in float64 and rounds
-to float32 once, after the token reduction; top-k orders by (score desc, doc id asc).
-The Triton path (CUDA) scores in float32 with fixed tiles and a fixed reduction order over the
-inner-product axis, never TF32: within fp32 rounding of the reference, and bit-identical for a
-chunk wherever it sits, so selections are reproducible on one device class.
+Exactness: the canonical value is computed in float64 in one fixed, hand-written order
+(`_exact.fixed_sum`: elementwise products, exact in float64, then pairwise halving; sums over
+tokens and chunks likewise) and rounded to float32 once. It is a function of the query and the
+document alone, identical on every device, thread count, tile, shard and batch. `doc_scores_ref`
+computes it densely (readable, differentiable, for tests and training). `routing_exact.route_top_k`
+gets the same selections and scores at fp32 cost: an fp32 first pass (`doc_scores`, fused tiles
+on CPU, the Triton kernel on CUDA) with a rigorous error bound, then the float64 pass on only the
+pairs that could cross the top-k boundary. Top-k orders by (score desc, doc id asc).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -34,6 +36,7 @@ from msa_cluster.kernels._common import (
     require_triton,
     use_triton,
 )
+from msa_cluster.kernels._exact import UNIT_FP32, bound, fixed_norm, fixed_sum, fp32_dot_error, gamma, norm_upper
 from msa_cluster.types import RoutingQuery, RoutingSpec, ScoredDoc
 
 if HAS_TRITON:
@@ -48,11 +51,25 @@ __all__ = [
     "doc_scores",
     "doc_scores_ref",
     "doc_scores_triton",
+    "first_pass",
+    "FirstPass",
     "select_top_k",
     "merge_top_k",
 ]
 
-TILE = 256  # chunks per scoring tile: fixed so that every tile of every shard runs the same GEMM
+# Bytes of fp32 keys per first-pass tile on CPU: the largest tile the routing uses. Any tile gives
+# the same selections and scores (the float64 pass decides them). 4 MiB (1,024 chunks at MSA-4B's
+# K = 1024) amortises the per-tile bookkeeping; of 64- to 1,024-chunk tiles (conversion + GEMM,
+# one thread, 2026-12-03) it was the fastest here. The bf16 -> fp32 conversion goes into one
+# reused buffer of this size.
+TILE_BYTES = 4 << 20
+TILE = 1024  # chunks per tile at K = 1024 (TILE_BYTES // (4 * K)); other widths scale with K
+
+
+def tile_chunks(width: int) -> int:
+    """Chunks per first-pass tile for an inner-product width K: TILE_BYTES of fp32 keys, at least 64."""
+    return max(64, TILE_BYTES // (4 * max(width, 1)))
+
 
 # Triton tiles. Fixed, never derived from the number of chunks: a chunk's score is computed by
 # the same instructions in the same order wherever it sits in a shard of any size.
@@ -64,9 +81,10 @@ _SCORE_WARPS = 8  # no register spills at these tiles on sm_80 / sm_90 (ptxas re
 
 
 def normalize_heads(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """L2-normalise the last (head-dim) axis in float32: cosine routing."""
-    x = x.float()
-    out: torch.Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """L2-normalise the last (head-dim) axis: cosine routing. The norm and the division run in
+    float64 in the fixed order, then round to float32, so every device normalises alike."""
+    x64 = x.double()
+    out: torch.Tensor = (x64 / fixed_norm(x64).clamp_min(eps).unsqueeze(-1)).float()
     return out
 
 
@@ -74,68 +92,37 @@ def prepare_queries(q: torch.Tensor, mask: torch.Tensor, spec: RoutingSpec, scal
     """Turn per-head routing queries into the canonical RoutingQuery.
 
     q: [B, T, H, D] (any float dtype), mask: [B, T] bool. Cosine normalises each head first;
-    then the scale is applied; with head_reduce "mean" the heads are folded to [B, T, Hkv, D].
+    then the scale is applied; with head_reduce "mean" the heads are folded to [B, T, Hkv, D]
+    (the G heads of a group added one after another, an order every device follows).
     """
     q = normalize_heads(q) if spec.similarity == "cosine" else q.float()
     q = q * scale
     if spec.head_reduce == "mean":
         B, T, H, D = q.shape
-        q = q.view(B, T, spec.num_kv_heads, spec.group, D).sum(dim=3) / H  # [B, T, Hkv, D]
-        return RoutingQuery(vectors=q.contiguous(), mask=mask.bool(), spec=spec, folded=True)
+        grouped = q.view(B, T, spec.num_kv_heads, spec.group, D)
+        folded = grouped[:, :, :, 0]
+        for r in range(1, spec.group):
+            folded = folded + grouped[:, :, :, r]
+        return RoutingQuery(vectors=(folded / H).contiguous(), mask=mask.bool(), spec=spec, folded=True)
     return RoutingQuery(vectors=q.contiguous(), mask=mask.bool(), spec=spec, folded=False)
 
 
-def _token_scores(query: RoutingQuery, keys: torch.Tensor) -> torch.Tensor:
-    """Per-token scores for one tile of keys [tile, Hkv, D] -> [B, T, tile] float64."""
-    q = query.vectors.double()
-    k = keys.double()
-    B, T, Hr, D = q.shape
-    if query.folded:
-        return (q.reshape(B * T, Hr * D) @ k.reshape(k.shape[0], -1).T).view(B, T, -1)
-    G = query.spec.group
-    per_head = torch.einsum("btgrd,cgd->btgrc", q.view(B, T, -1, G, D), k)  # [B, T, Hkv, G, tile]
-    return per_head.amax(dim=(2, 3))
-
-
-def _reduce_tokens(s: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """s: [B, T, tile] float64, mask [B, T] -> [B, tile]; rows with no routing token are -inf."""
-    m = mask.unsqueeze(-1)
-    if how == "max":
-        return s.masked_fill(~m, -math.inf).amax(dim=1)
-    if how == "mean":
-        n = mask.sum(dim=1, keepdim=True).double()
-        out = (s * m).sum(dim=1) / n.clamp_min(1)
-        return out.masked_fill(n == 0, -math.inf)
-    # "last": the last routing token of each row
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, idx, -1).amax(dim=1)  # [B]
-    out = s[torch.arange(s.shape[0], device=s.device), last.clamp_min(0)]
-    return out.masked_fill((last < 0).unsqueeze(-1), -math.inf)
-
-
-def _reduce_chunks(chunk: torch.Tensor, doc_offsets: torch.Tensor, how: str) -> torch.Tensor:
-    """chunk [B, C] -> [B, N] by contiguous document ranges doc_offsets [N + 1]."""
-    lengths = (doc_offsets[1:] - doc_offsets[:-1]).to(chunk.device)
-    N = lengths.numel()
-    if N == 0:
-        return chunk.new_empty(chunk.shape[0], 0)
-    doc_of_chunk = torch.repeat_interleave(torch.arange(N, device=chunk.device), lengths)
-    index = doc_of_chunk.expand(chunk.shape[0], -1)
-    if how == "max":
-        out = chunk.new_full((chunk.shape[0], N), -math.inf)
-        return out.scatter_reduce(1, index, chunk, reduce="amax", include_self=True)
-    total = chunk.double().new_zeros(chunk.shape[0], N).scatter_add(1, index, chunk.double())
-    return (total / lengths.double()).float()
-
-
-def _last_token(query: RoutingQuery) -> tuple[torch.Tensor, torch.Tensor]:
-    """query_reduce "last" as a one-token max: vectors [B, 1, Hr, D] of each row's last routing
-    token and mask [B, 1] (False for a row with no routing token)."""
+def _token_view(query: RoutingQuery) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(vectors [B, T', Hr, D], mask [B, T'], "max" | "mean"): query_reduce "last" becomes a max over
+    each row's last routing token alone (T' = 1), so only max and mean remain."""
+    if query.spec.query_reduce != "last":
+        return query.vectors, query.mask, query.spec.query_reduce
     mask = query.mask
     idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, idx, -1).amax(dim=1)  # [B]
     rows = torch.arange(mask.shape[0], device=mask.device)
-    return query.vectors[rows, last.clamp_min(0)].unsqueeze(1), (last >= 0).unsqueeze(1)
+    return query.vectors[rows, last.clamp_min(0)].unsqueeze(1), (last >= 0).unsqueeze(1), "max"
+
+
+def _last_token(query: RoutingQuery) -> tuple[torch.Tensor, torch.Tensor]:
+    """query_reduce "last" as a one-token max: vectors [B, 1, Hr, D] and mask [B, 1]."""
+    vectors, mask, _ = _token_view(query)
+    return vectors, mask
 
 
 def _check_doc_offsets(doc_offsets: object, num_chunks: int) -> torch.Tensor:
@@ -149,6 +136,104 @@ def _check_doc_offsets(doc_offsets: object, num_chunks: int) -> torch.Tensor:
     if bool((off[1:] < off[:-1]).any()):
         raise ValueError("doc_offsets must be non-decreasing")
     return doc_offsets
+
+
+# -- the error bound of the fp32 first pass
+
+
+def head_norms(x: torch.Tensor, folded: bool) -> torch.Tensor:
+    """An upper bound of |x| per row for the error bound: x [..., Hr, D] -> [...] float64; the K-wide
+    norm when folded, else the largest per-head norm (a head-max score is bounded by its largest head's bound)."""
+    if folded:
+        return norm_upper(x.flatten(-2))
+    return norm_upper(x).amax(dim=-1)
+
+
+def query_norms(vectors: torch.Tensor, mask: torch.Tensor, folded: bool) -> torch.Tensor:
+    """[B] float64: the largest |q_t| over each row's routing tokens (0 for a row without any)."""
+    return head_norms(vectors, folded).masked_fill(~mask, 0.0).amax(dim=1)
+
+
+def bound_coef(query: RoutingQuery, fast_cosine: bool = False) -> float:
+    """c such that the first pass's chunk score is within c * |q|_max * |k_c| (+ tiny) of the exact
+    one. fast_cosine: the keys were normalised in fp32 by `_normalize_fast`, not canonically."""
+    vectors, _, _ = _token_view(query)
+    B, T, Hr, D = vectors.shape
+    key_error = gamma(D + 2) + 4 * UNIT_FP32 if fast_cosine else 0.0
+    return fp32_dot_error(Hr * D if query.folded else D, T, key_error)
+
+
+def _normalize_fast(keys: torch.Tensor) -> torch.Tensor:
+    """fp32 cosine normalisation in any order: within gamma_{D+2} + 4u (relative, elementwise) of
+    `normalize_heads`, which the bound then covers; the float64 pass uses the canonical one."""
+    norm: torch.Tensor = torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
+    return keys / norm.clamp_min(1e-12)
+
+
+# -- the fp32 first pass on CPU
+
+
+def _pair_scores32(vectors: torch.Tensor, keys: torch.Tensor, folded: bool, group: int) -> torch.Tensor:
+    """fp32 head-reduced scores: vectors [B, T, Hr, D], keys [n, Hkv, D] -> [B, T, n]."""
+    B, T, Hr, D = vectors.shape
+    n = keys.shape[0]
+    if folded:
+        return (vectors.reshape(B * T, Hr * D) @ keys.reshape(n, -1).T).view(B, T, n)
+    per_head = torch.einsum("btgrd,cgd->btgrc", vectors.view(B, T, -1, group, D), keys)  # [B, T, Hkv, G, n]
+    return per_head.amax(dim=(2, 3))
+
+
+def _reduce_tokens(s: torch.Tensor, mask: torch.Tensor, how: str, exact: bool) -> torch.Tensor:
+    """s [B, T, n], mask [B, T] -> [B, n]; rows with no routing token are -inf. `exact`: the mean
+    sums in the fixed order (float64 input), else any order."""
+    m = mask.unsqueeze(-1)
+    if how == "max":
+        return s.masked_fill(~m, -math.inf).amax(dim=1)
+    count = mask.sum(dim=1, keepdim=True).to(s.dtype)
+    zeroed = s.masked_fill(~m, 0.0)
+    total = fixed_sum(zeroed, dim=1) if exact else zeroed.sum(dim=1)
+    return (total / count.clamp_min(1)).masked_fill(count == 0, -math.inf)
+
+
+class FirstPass:
+    """The fp32 first pass on CPU, one tile of chunks at a time: `tile(start, n, buf)` gives the
+    chunk scores a [B, n] fp32 of chunks start..start+n-1 and bounds e [B, n] float64 with
+    |a - exact chunk score| <= e. Safe to call from several threads, each with its own buffer.
+
+    A bf16/fp16 tile is converted into the caller's fp32 buffer [n, Hkv, D] (the arena is never
+    copied whole), so memory does not grow with C.
+    """
+
+    def __init__(self, query: RoutingQuery, router_keys: torch.Tensor):
+        self.query, self.router_keys = query, router_keys
+        self.vectors, self.mask, self.how = _token_view(query)
+        self.q_norm = query_norms(self.vectors, self.mask, query.folded)  # [B]
+        self.cosine = query.spec.similarity == "cosine"
+        self.coef = bound_coef(query, fast_cosine=self.cosine)
+
+    def buffer(self, tile: int) -> torch.Tensor:
+        return self.router_keys.new_empty(min(tile, self.router_keys.shape[0]), *self.router_keys.shape[1:], dtype=torch.float32)
+
+    def tile(self, start: int, n: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.router_keys[start : start + n]
+        if keys.dtype != torch.float32:
+            keys = buf[:n].copy_(keys)  # bf16 / fp16 -> fp32, per tile
+        if self.cosine:
+            keys = _normalize_fast(keys)
+        s = _pair_scores32(self.vectors, keys, self.query.folded, self.query.spec.group)  # [B, T, n]
+        a = _reduce_tokens(s, self.mask, self.how, exact=False)
+        return a, bound(self.coef, self.q_norm[:, None], head_norms(keys, self.query.folded)[None, :])
+
+
+def first_pass(query: RoutingQuery, router_keys: torch.Tensor, tile: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`FirstPass` over every tile in order, on this thread: yields (start, a [B, n], e [B, n])."""
+    C = router_keys.shape[0]
+    tile = tile or tile_chunks(router_keys[0].numel() if C else 1)
+    scorer = FirstPass(query, router_keys)
+    buf = scorer.buffer(tile)
+    for start in range(0, C, tile):
+        n = min(tile, C - start)
+        yield (start, *scorer.tile(start, n, buf))
 
 
 if HAS_TRITON:
@@ -242,12 +327,11 @@ if HAS_TRITON:
 
 
 def chunk_scores_triton(query: RoutingQuery, router_keys: torch.Tensor) -> torch.Tensor:
-    """Triton launcher with `chunk_scores_ref` semantics: [B, C] float32 chunk scores.
+    """Triton launcher of the first pass: [B, C] float32 chunk scores, within `bound_coef` of exact.
 
     router_keys: [C, Hkv, D] float32/bfloat16/float16, contiguous, on the query's device (CUDA,
-    or CPU under the Triton interpreter). Scores are fp32 (no TF32), within fp32 rounding of the
-    float64 reference, and bit-reproducible on one device class: a chunk's score depends only on
-    the query and that chunk, never on its offset or on the number of chunks.
+    or CPU under the Triton interpreter). Scores are fp32 (no TF32) and bit-reproducible on one
+    device class: a chunk's score depends only on the query and that chunk.
     """
     vectors, mask = query.vectors, query.mask
     dev = vectors.device
@@ -282,7 +366,7 @@ def chunk_scores_triton(query: RoutingQuery, router_keys: torch.Tensor) -> torch
 
 
 def doc_scores_triton(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Triton launcher with `doc_scores_ref` semantics: [B, N] float32 document scores.
+    """Triton launcher of the first pass's document scores: [B, N] float32.
 
     Cosine keys are normalised in torch (per chunk, so position-independent), chunks are scored
     by `chunk_scores_triton`, and each document's chunks are reduced by one program in a fixed
@@ -307,37 +391,88 @@ def doc_scores_triton(query: RoutingQuery, router_keys: torch.Tensor, doc_offset
     return out
 
 
+# -- the canonical (exact) scores, dense
+
+
+def exact_pair_scores(q: torch.Tensor, k: torch.Tensor, folded: bool, group: int) -> torch.Tensor:
+    """Canonical head-reduced scores in float64, the fixed order: q [..., Hr, D], k [..., Hkv, D]
+    (broadcast against each other) -> [...]. Folded: one K-wide sum; else the max over heads of
+    D-wide sums, head h reading kv head h // group."""
+    q64, k64 = q.double(), k.double()
+    if folded:
+        return fixed_sum((q64 * k64).flatten(-2))
+    return fixed_sum(q64 * k64.repeat_interleave(group, dim=-2)).amax(dim=-1)
+
+
+def reduce_doc_chunks(chunk: torch.Tensor, doc_offsets: torch.Tensor, how: str) -> torch.Tensor:
+    """Canonical chunk -> document reduction: chunk [B, C] float64, doc_offsets [N + 1] -> [B, N]
+    float64. Max, or the mean summed in the fixed order from each document's first chunk (an
+    empty document is -inf for max and nan for mean, and is never selected)."""
+    off = doc_offsets.to(chunk.device, torch.int64)
+    lengths = off[1:] - off[:-1]  # [N]
+    B, N = chunk.shape[0], lengths.numel()
+    L = int(lengths.max()) if N else 0
+    if L == 0:
+        return chunk.new_full((B, N), -math.inf if how == "max" else math.nan)
+    pos = torch.arange(L, device=chunk.device)
+    valid = pos[None, :] < lengths[:, None]  # [N, L]
+    idx = (off[:-1, None] + pos[None, :]).clamp_max(max(chunk.shape[1] - 1, 0))
+    gathered = chunk[:, idx]  # [B, N, L]
+    if how == "max":
+        return gathered.masked_fill(~valid, -math.inf).amax(dim=-1)
+    return fixed_sum(gathered.masked_fill(~valid, 0.0), dim=-1) / lengths.double()
+
+
+def _exact_chunk_scores(query: RoutingQuery, keys: torch.Tensor) -> torch.Tensor:
+    """[B, C] float64 canonical chunk scores of keys [C, Hkv, D] (cosine: already normalised)."""
+    vectors, mask, how = _token_view(query)
+    s = exact_pair_scores(vectors[:, :, None], keys[None, None], query.folded, query.spec.group)  # [B, T, C]
+    return _reduce_tokens(s, mask, how, exact=True)
+
+
 def chunk_scores_ref(query: RoutingQuery, router_keys: torch.Tensor) -> torch.Tensor:
-    """[B, C] float32 chunk scores of router_keys [C, Hkv, D] (cosine: pass normalised keys)."""
-    B, C = query.batch_size, router_keys.shape[0]
-    out = torch.empty(B, C, dtype=torch.float32, device=router_keys.device)
-    for start in range(0, C, TILE):
-        tile = router_keys[start : start + TILE]
-        n = tile.shape[0]
-        if n < TILE:  # pad so that the GEMM shape is the same for every tile
-            tile = torch.cat([tile, tile.new_zeros(TILE - n, *tile.shape[1:])])
-        s = _token_scores(query, tile)
-        out[:, start : start + n] = _reduce_tokens(s, query.mask, query.spec.query_reduce)[:, :n].float()
-    return out
+    """[B, C] float32 canonical chunk scores of router_keys [C, Hkv, D] (cosine: pass normalised keys)."""
+    return _exact_chunk_scores(query, router_keys).float()
 
 
 def doc_scores_ref(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Document scores [B, N] float32.
+    """Canonical document scores [B, N] float32: float64 in the fixed order, rounded once.
 
     router_keys: [C, Hkv, D], the chunks of N documents laid out contiguously;
     doc_offsets: [N + 1] int64, document n owns chunks doc_offsets[n]:doc_offsets[n + 1].
-    Rows of the query with no routing token score -inf everywhere.
+    Rows of the query with no routing token score -inf everywhere. Dense ([B, T, C, W] products):
+    for tests and training (it is differentiable); `route_top_k` selects by it at fp32 cost.
     """
     if router_keys.shape[0] == 0:  # every document is empty: nothing can be selected
         return torch.full((query.batch_size, doc_offsets.numel() - 1), -math.inf, dtype=torch.float32)
     keys = normalize_heads(router_keys) if query.spec.similarity == "cosine" else router_keys
-    return _reduce_chunks(chunk_scores_ref(query, keys), doc_offsets, query.spec.chunk_reduce)
+    chunk = _exact_chunk_scores(query, keys)
+    return reduce_doc_chunks(chunk, doc_offsets, query.spec.chunk_reduce).float()
+
+
+# -- the first pass's document scores (dispatcher)
+
+
+def _reduce_chunks_fp32(chunk: torch.Tensor, doc_offsets: torch.Tensor, how: str) -> torch.Tensor:
+    """First-pass chunk [B, C] -> [B, N] by contiguous document ranges (any order)."""
+    lengths = (doc_offsets[1:] - doc_offsets[:-1]).to(chunk.device)
+    N = lengths.numel()
+    if N == 0:
+        return chunk.new_empty(chunk.shape[0], 0)
+    doc_of_chunk = torch.repeat_interleave(torch.arange(N, device=chunk.device), lengths)
+    index = doc_of_chunk.expand(chunk.shape[0], -1)
+    if how == "max":
+        out = chunk.new_full((chunk.shape[0], N), -math.inf)
+        return out.scatter_reduce(1, index, chunk, reduce="amax", include_self=True)
+    total = chunk.double().new_zeros(chunk.shape[0], N).scatter_add(1, index, chunk.double())
+    return (total / lengths.double()).float()
 
 
 def doc_scores(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torch.Tensor) -> torch.Tensor:
-    """Document scores [B, N] float32 of N documents' router_keys [C, Hkv, D] (see `doc_scores_ref`).
+    """First-pass document scores [B, N] float32 of N documents' router_keys [C, Hkv, D]: within
+    the `bound_coef` bound of `doc_scores_ref` (use `route_top_k` for exact selections).
 
-    Triton on CUDA, the float64 reference elsewhere. Example:
+    Triton on CUDA, fused fp32 tiles elsewhere. Example:
         >>> spec = RoutingSpec(num_heads=2, num_kv_heads=1)
         >>> query = prepare_queries(torch.randn(1, 3, 2, 4), torch.ones(1, 3, dtype=torch.bool), spec, 0.5)
         >>> doc_scores(query, torch.randn(5, 1, 4), torch.tensor([0, 2, 5])).shape
@@ -345,7 +480,12 @@ def doc_scores(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: torc
     """
     if use_triton(query.vectors, router_keys):
         return doc_scores_triton(query, router_keys.contiguous(), doc_offsets)
-    return doc_scores_ref(query, router_keys, doc_offsets)
+    C = router_keys.shape[0]
+    _check_doc_offsets(doc_offsets, C)
+    if C == 0:
+        return torch.full((query.batch_size, doc_offsets.numel() - 1), -math.inf, dtype=torch.float32)
+    chunk = torch.cat([a for _, a, _ in first_pass(query, router_keys)], dim=1)  # [B, C]
+    return _reduce_chunks_fp32(chunk, doc_offsets, query.spec.chunk_reduce)
 
 
 # Top-k selection: plain Python over [B, N] scores, identical on every device.

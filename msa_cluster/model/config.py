@@ -73,12 +73,18 @@ class MemoryConfig:
     # Typed extras; defaults reproduce the reference.
     template_head_len: int = 3
     similarity: str | None = None  # None: derived from aux_loss_method as the reference's inference does
+    # Pooled chunks one query may gather at one layer (the reference has no cap, digest 2.5): a
+    # request over more raises ContextTooLargeError before its context is allocated. 4096 chunks
+    # = 256K document tokens at P = 64: k = 16 documents of 16K tokens each.
+    max_chunks_per_query: int = 4096
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k_docs, bool) or not isinstance(self.top_k_docs, int) or self.top_k_docs < 1:
             raise ValueError(f"msa_config.top_k_docs must be an int >= 1, got {self.top_k_docs!r}")
         if isinstance(self.pooling_kernel_size, bool) or not isinstance(self.pooling_kernel_size, int) or self.pooling_kernel_size < 1:
             raise ValueError(f"msa_config.pooling_kernel_size must be an int >= 1, got {self.pooling_kernel_size!r}")
+        if isinstance(self.max_chunks_per_query, bool) or not isinstance(self.max_chunks_per_query, int) or self.max_chunks_per_query < 1:
+            raise ValueError(f"msa_config.max_chunks_per_query must be an int >= 1, got {self.max_chunks_per_query!r}")
         if not isinstance(self.template_head_len, int) or self.template_head_len < 1:
             raise ValueError(f"msa_config.template_head_len must be an int >= 1, got {self.template_head_len!r}")
         for name, allowed in (
@@ -176,7 +182,7 @@ class MSAConfig(Qwen3Config):
             not in {"transformers_version", "_name_or_path", "architectures", "dtype", "use_cache", "id2label", "label2id"}
         }
         mem = dict(arch.get("msa_config") or {})
-        for k in ("top_k_docs", "aux_loss", "infonce_loss_temp", "lmloss_weigth", "auxloss_weight", "recloss_weight", "ansloss_weight"):
+        for k in ("top_k_docs", "max_chunks_per_query", "aux_loss", "infonce_loss_temp", "lmloss_weigth", "auxloss_weight", "recloss_weight", "ansloss_weight"):
             mem.pop(k, None)  # selection/training knobs do not change the encoded tensors
         arch["msa_config"] = mem
         blob = json.dumps(arch, sort_keys=True, default=str).encode()

@@ -3,12 +3,15 @@
 Legend: S filled slots, Hkv kv heads, D head dim.
 
 Each layer's buffer holds [template head, selected chunks (routing layers only), prompt,
-generated tokens] as K/V slots. Decoding appends to it in place (capacity doubles when full)
-instead of concatenating a new tensor every step as the reference does.
+generated tokens] as K/V slots. Prefill assembles it once: each part is copied straight into its
+slots of one buffer sized for the prompt and the reserved decode steps (no `cat` and no second
+copy). Decoding appends to it in place (capacity doubles when full) instead of concatenating a
+new tensor every step as the reference does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,13 +24,28 @@ __all__ = ["LayerContext", "SparseContext"]
 class LayerContext:
     """K/V slots of one layer: keys/values [capacity, Hkv, D], the first `length` filled."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int = 0):
-        S = keys.shape[0]
-        self.keys = keys.new_empty(S + reserve, *keys.shape[1:])
-        self.values = values.new_empty(S + reserve, *values.shape[1:])
-        self.keys[:S] = keys
-        self.values[:S] = values
-        self.length = S
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        """keys, values: [capacity, Hkv, D] buffers whose first `length` slots are filled."""
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def assemble(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], reserve: int = 0) -> LayerContext:
+        """One context from parts [n_i, Hkv, D] laid out in order, plus `reserve` free slots.
+
+        Under no_grad / inference_mode each part is copied once, straight into its slots of one
+        buffer. With grad enabled (training) the parts are concatenated instead, so that autograd
+        sees a plain `cat` and no in-place write (`reserve` is then left to `append`'s growth).
+        """
+        S = sum(int(part.shape[0]) for part in keys)
+        if torch.is_grad_enabled():
+            return cls(torch.cat(list(keys)), torch.cat(list(values)), S)
+        ctx = cls(keys[0].new_empty(S + reserve, *keys[0].shape[1:]), values[0].new_empty(S + reserve, *values[0].shape[1:]), 0)
+        for k, v in zip(keys, values):
+            n = int(k.shape[0])
+            ctx.keys[ctx.length : ctx.length + n] = k
+            ctx.values[ctx.length : ctx.length + n] = v
+            ctx.length += n
+        return ctx
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append [n, Hkv, D] slots; returns the slot indices [n] they took."""

@@ -34,7 +34,7 @@ from msa_cluster.model.config import MSAConfig
 from msa_cluster.model.context import LayerContext, SparseContext
 from msa_cluster.model.layers import MSADecoderLayer
 from msa_cluster.model.memory import MemoryBackend, MemorySnapshot
-from msa_cluster.types import DEFAULT_TENANT, EncodedDocument, ModelFingerprint, ScoredDoc
+from msa_cluster.types import DEFAULT_TENANT, ContextTooLargeError, EncodedDocument, ModelFingerprint, ScoredDoc
 
 __all__ = ["MSAModel", "MSAForCausalLM", "PrefillOutput"]
 
@@ -283,10 +283,10 @@ class MSAForCausalLM(PreTrainedModel):
                     got = snap.retrieve(i, query, top_k)
                     docs = got.selected[0]
                     if docs:
-                        ck, cv = self._check_chunks(got.keys[0], got.values[0], i)
+                        ck, cv = self._check_chunks(got.keys[0], got.values[0], i, len(docs))
                 selected[i] = docs
             C = ck.shape[0]
-            ctx = LayerContext(torch.cat([k[0, :tmpl], ck, k[0, tmpl:]]), torch.cat([v[0, :tmpl], cv, v[0, tmpl:]]), reserve)
+            ctx = LayerContext.assemble([k[0, :tmpl], ck, k[0, tmpl:]], [v[0, :tmpl], cv, v[0, tmpl:]], reserve)
             slots = torch.arange(T, device=dev)
             slots = torch.where(slots < tmpl, slots, slots + C)
             keys, values = ctx.view()
@@ -309,10 +309,19 @@ class MSAForCausalLM(PreTrainedModel):
             version=context.version,
         )
 
-    def _check_chunks(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_chunks(self, keys: torch.Tensor, values: torch.Tensor, layer: int, docs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gathered chunks [C, Hkv, D] of `docs` documents, checked (shape, and C against
+        max_chunks_per_query: ContextTooLargeError before the context is allocated)."""
         want = (self.config.num_key_value_heads, self.config.head_dim)
         if keys.dim() != 3 or tuple(keys.shape[1:]) != want or keys.shape != values.shape:
             raise ValueError(f"memory returned chunks of shape {tuple(keys.shape)} at layer {layer}; expected [C, {want[0]}, {want[1]}]")
+        cap = self.config.memory.max_chunks_per_query
+        if keys.shape[0] > cap:
+            raise ContextTooLargeError(
+                "max_chunks_per_query", cap, int(keys.shape[0]),
+                detail=f"layer {layer} selected {docs} documents of {keys.shape[0]} pooled chunks in all; "
+                "select fewer or shorter documents, or raise msa_config.max_chunks_per_query",
+            )  # fmt: skip
         return keys.to(self.device, self.dtype), values.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ decode

@@ -3,7 +3,20 @@ in torch.distributed, several seconds on a 2-core machine)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+ROUTING_SPECS = [  # (similarity, head_reduce, query_reduce, chunk_reduce)
+    ("dot", "mean", "max", "max"),  # the released MSA-4B configuration
+    ("cosine", "mean", "max", "max"),
+    ("dot", "max", "max", "max"),
+    ("dot", "mean", "mean", "max"),
+    ("dot", "mean", "mean", "mean"),
+    ("cosine", "max", "last", "mean"),
+    ("dot", "mean", "last", "max"),
+    ("dot", "max", "max", "mean"),
+]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, *, rtol: float, atol: float) -> None:
@@ -50,3 +63,23 @@ def triton_mode() -> str | None:
     if torch.cuda.is_available():
         return "cuda"
     return None
+
+
+def dense_doc_scores(q, mask, keys, offsets, spec, scale: float) -> torch.Tensor:
+    """The digest's formula written out per head in float64: [B, N]."""
+    q, k = q.double(), keys.double()
+    if spec.similarity == "cosine":
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    per_head = torch.einsum("bthd,chd->btch", q * scale, k.repeat_interleave(spec.group, dim=1))  # [B, T, C, H]
+    s = per_head.mean(-1) if spec.head_reduce == "mean" else per_head.amax(-1)  # [B, T, C]
+    B, _, C = s.shape
+    chunk = torch.full((B, C), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        tokens = mask[b].nonzero().flatten()
+        if tokens.numel() == 0:
+            continue
+        rows = s[b, tokens]  # [n, C]
+        chunk[b] = {"max": rows.amax(0), "mean": rows.mean(0), "last": rows[-1]}[spec.query_reduce]
+    docs = [chunk[:, offsets[n] : offsets[n + 1]] for n in range(len(offsets) - 1)]
+    reduce = (lambda x: x.amax(1)) if spec.chunk_reduce == "max" else (lambda x: x.mean(1))
+    return torch.stack([reduce(d) for d in docs], dim=1)

@@ -68,6 +68,32 @@ def test_gathered_attention_ref_matches_dense_masked_softmax(dtype, heads, q_slo
     assert_close(got, _dense_attention(q, k, v, q_slots, 8**-0.5), rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("heads", HEADS)
+def test_blocked_reference_bounds_its_logits_and_equals_dense(heads, monkeypatch):
+    """Over many query and slot blocks (MSA prefill and decode slots), the reference equals dense
+    attention, and no matmul it runs produces more than one BLOCK_Q x BLOCK_S block per kv head."""
+    monkeypatch.setattr(attention, "BLOCK_Q", 4)
+    monkeypatch.setattr(attention, "BLOCK_S", 8)
+    H, Hkv = heads
+    largest = []
+    matmul = torch.matmul
+
+    def spy(a, b):
+        out = matmul(a, b)
+        largest.append(out.numel())
+        return out
+
+    g = torch.Generator().manual_seed(5)
+    for q_slots, S in ((_msa_slots(3, 21, 30), 54), ([60], 61)):
+        q = torch.randn(len(q_slots), H, 8, generator=g)
+        k, v = torch.randn(S, Hkv, 8, generator=g), torch.randn(S, Hkv, 8, generator=g)
+        monkeypatch.setattr(torch, "matmul", spy)
+        got = gathered_attention_ref(q, k, v, torch.tensor(q_slots), 0.3)
+        monkeypatch.setattr(torch, "matmul", matmul)
+        assert_close(got, _dense_attention(q, k, v, q_slots, 0.3), rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert largest and max(largest) <= Hkv * (4 * H // Hkv) * 8  # Hkv x (BLOCK_Q * G rows) x BLOCK_S
+
+
 def test_prompt_token_sees_all_chunks_template_and_earlier_prompt_only():
     """With the MSA layout, changing a later prompt slot never changes an earlier token's output."""
     slots = torch.tensor(_msa_slots(3, 4, 3))

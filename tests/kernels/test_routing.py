@@ -14,44 +14,17 @@ import torch
 from msa_cluster.kernels import routing
 from msa_cluster.kernels.routing import doc_scores, doc_scores_ref, merge_top_k, prepare_queries, select_top_k
 from msa_cluster.types import RoutingSpec, ScoredDoc
-from tests.kernels.helpers import assert_close
+from tests.kernels.helpers import ROUTING_SPECS as SPECS
+from tests.kernels.helpers import assert_close, dense_doc_scores
 
 FP32_RTOL = 1e-5
 FP32_ATOL = 1e-5
 
-SPECS = [  # (similarity, head_reduce, query_reduce, chunk_reduce)
-    ("dot", "mean", "max", "max"),  # the released MSA-4B configuration
-    ("cosine", "mean", "max", "max"),
-    ("dot", "max", "max", "max"),
-    ("dot", "mean", "mean", "mean"),
-    ("cosine", "max", "last", "mean"),
-    ("dot", "mean", "last", "max"),
-]
 
 
 def _spec(spec: tuple[str, str, str, str], heads: int, kv_heads: int) -> RoutingSpec:
     sim, head, query, chunk = spec
     return RoutingSpec(sim, head, query, chunk, num_heads=heads, num_kv_heads=kv_heads)
-
-
-def _dense_doc_scores(q, mask, keys, offsets, spec: RoutingSpec, scale: float) -> torch.Tensor:
-    """The digest's formula written out per head in float64: [B, N]."""
-    q, k = q.double(), keys.double()
-    if spec.similarity == "cosine":
-        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-    per_head = torch.einsum("bthd,chd->btch", q * scale, k.repeat_interleave(spec.group, dim=1))  # [B, T, C, H]
-    s = per_head.mean(-1) if spec.head_reduce == "mean" else per_head.amax(-1)  # [B, T, C]
-    B, _, C = s.shape
-    chunk = torch.full((B, C), -math.inf, dtype=torch.float64)
-    for b in range(B):
-        tokens = mask[b].nonzero().flatten()
-        if tokens.numel() == 0:
-            continue
-        rows = s[b, tokens]  # [n, C]
-        chunk[b] = {"max": rows.amax(0), "mean": rows.mean(0), "last": rows[-1]}[spec.query_reduce]
-    docs = [chunk[:, offsets[n] : offsets[n + 1]] for n in range(len(offsets) - 1)]
-    reduce = (lambda x: x.amax(1)) if spec.chunk_reduce == "max" else (lambda x: x.mean(1))
-    return torch.stack([reduce(d) for d in docs], dim=1)
 
 
 def _random_case(seed: int, B: int, T: int, H: int, Hkv: int, D: int, doc_chunks: list[int]):
@@ -73,7 +46,7 @@ def test_doc_scores_ref_matches_dense_per_head_formula(spec, heads, doc_chunks):
     rs = _spec(spec, H, Hkv)
     q, mask, keys, offsets = _random_case(1, B=2, T=5, H=H, Hkv=Hkv, D=8, doc_chunks=doc_chunks)
     got = doc_scores_ref(prepare_queries(q, mask, rs, 0.35), keys, offsets)
-    want = _dense_doc_scores(q, mask, keys, offsets.tolist(), rs, 0.35)
+    want = dense_doc_scores(q, mask, keys, offsets.tolist(), rs, 0.35)
     assert got.dtype == torch.float32 and got.shape == (2, len(doc_chunks))
     assert_close(got, want, rtol=FP32_RTOL, atol=FP32_ATOL)
 

@@ -59,9 +59,11 @@ def test_kernel_compiles_for_sm90(case):
     elif case.startswith("attention"):
         dtype, rows, lowp = ("bf16", 256, True) if "prefill" in case else ("fp32", 1, False)
         block_m, block_n, warps = attention._launch_config(rows, lowp)
-        ptrs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
-        sig = {**ptrs, "slot_ptr": "*i64", **ints("Tq", "S", "H", "Hkv", "D"), "scale": "fp32"}
-        consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 128, "LOWP_DOT": lowp}
+        split = "decode" in case  # decode launches split-K: fp32 partials and (max, denominator) out
+        ptrs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")}
+        sig = {**ptrs, "slot_ptr": "*i64", "o_ptr": "*fp32" if split else f"*{dtype}", "ml_ptr": "*fp32",
+               **ints("Tq", "S", "H", "Hkv", "D"), "scale": "fp32", "split_len": "i32"}
+        consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 128, "LOWP_DOT": lowp, "SPLIT": split}
         _compile(attention._gathered_attention_kernel, sig, consts, warps)
     elif case == "routing-folded":  # folded routing launches with HR = HKV = 1, specialised as constants
         sig = {"q_ptr": "*fp32", "mask_ptr": "*i8", "k_ptr": "*bf16", "out_ptr": "*fp32", **ints("T", "C", "W")}

@@ -93,6 +93,29 @@ def test_gathered_attention_kernel_matches_ref(dtype, heads, q_slots, S, D):
     assert_close(got, attention.gathered_attention_ref(q, k, v, slots, D**-0.5), **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+def test_split_k_decode_matches_ref(dtype, num_splits):
+    """Split-K over the slots (partials merged by max and denominator) equals the reference for a
+    decode step, a short prefill, more splits than slot tiles, and a row that sees no slot."""
+    torch.manual_seed(3)
+    H, Hkv, D, S = 8, 2, 16, 150
+    k, v = torch.randn(S, Hkv, D).to(dtype), torch.randn(S, Hkv, D).to(dtype)
+    for q_slots in ([S - 1], [40, 149, -1], [3]):
+        q = torch.randn(len(q_slots), H, D).to(dtype)
+        slots = torch.tensor(q_slots)
+        got = attention.gathered_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), 0.25,
+                                                  num_splits=num_splits)
+        assert got.dtype == dtype
+        assert_close(got, attention.gathered_attention_ref(q, k, v, slots, 0.25), **_tol(dtype))
+
+
+def test_split_k_fills_the_device_for_decode():
+    """A one-token decode over a long context gets several splits; a long prefill gets one."""
+    assert attention._num_splits(programs=8, S=8192, block_n=32, device=torch.device(DEVICE)) > 1
+    assert attention._num_splits(programs=4096, S=8192, block_n=32, device=torch.device(DEVICE)) == 1
+
+
 def test_gathered_attention_kernel_edge_cases_match_ref():
     """Slots in any order or past the end, an empty context (zeros) and a query that sees no slot
     (nan) all behave as in the reference."""
@@ -193,6 +216,20 @@ def test_doc_scores_kernel_of_any_shard_equals_global():
         shard_keys = torch.cat([keys[offsets[n] : offsets[n + 1]] for n in shard]).to(DEVICE)
         shard_offsets = torch.tensor([0, *[DOC_CHUNKS[n] for n in shard]]).cumsum(0)
         assert torch.equal(routing.doc_scores_triton(query, shard_keys, shard_offsets), full[:, shard])
+
+
+@pytest.mark.parametrize("spec, heads", [("released", (4, 1)), ("cosine-mean", (4, 2)), ("per-head-max", (4, 2))])
+def test_route_top_k_with_the_triton_first_pass_equals_the_canonical_reference(spec, heads, monkeypatch):
+    """With the Triton kernel as its first pass, route_top_k selects and scores exactly like the
+    float64 reference (and so like the CPU first pass): CPU and GPU shards agree bit for bit."""
+    from msa_cluster.kernels import routing_exact
+
+    monkeypatch.setattr(routing_exact, "use_triton", lambda *tensors: True)  # the CUDA branch, on this device
+    query, keys, offsets = _routing_case(11, spec, *heads, key_dtype=torch.bfloat16)
+    ids = torch.tensor([11, 3, 7])
+    for k in (1, 2, 3):
+        got = routing_exact.route_top_k(_on(query, DEVICE), keys.to(DEVICE), offsets, ids, k)
+        assert got == select_top_k(doc_scores_ref(query, keys, offsets), ids, k)
 
 
 # -- dispatch on a real GPU

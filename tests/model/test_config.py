@@ -60,6 +60,8 @@ def test_msa4b_parameter_names_and_shapes():
         ({"head_reduce_method": "sum"}, "head_reduce_method"),
         ({"similarity": "l2"}, "similarity"),
         ({"template_head_len": 0}, "template_head_len"),
+        ({"max_chunks_per_query": 0}, "max_chunks_per_query"),
+        ({"max_chunks_per_query": True}, "max_chunks_per_query"),
     ],
 )
 def test_bad_msa_config_is_a_clear_error(patch, message):
@@ -102,10 +104,11 @@ def test_json_round_trip_keeps_msa_config(tmp_path):
 
 
 def test_fingerprint_ignores_selection_knobs_but_not_architecture():
-    """top_k_docs does not change the fingerprint; the routing layers and head_dim do."""
+    """top_k_docs and max_chunks_per_query do not change the fingerprint; the routing layers and head_dim do."""
     base = MSAConfig(**_msa4b()).fingerprint("bfloat16")
     data = _msa4b()
     data["msa_config"]["top_k_docs"] = 4
+    data["msa_config"]["max_chunks_per_query"] = 7
     assert MSAConfig(**data).fingerprint("bfloat16") == base
     data["msa_config"]["router_layer_idx"] = "all"
     assert MSAConfig(**data).fingerprint("bfloat16") != base
