@@ -156,7 +156,8 @@ def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIO
                 text, finish = resp.choices[0].message.content or "", resp.choices[0].finish_reason
                 cites, msa = (resp.model_extra or {}).get("msa_citations", []), (resp.model_extra or {}).get("msa", {})
             why = f", {msa.get('finish_reason')}" if msa else ""
-            out(f"A ({finish}{why}{', streamed' if n == 0 else ''}): {text!r}")
+            shown = repr(text) if text else "(no answer: the model named no document and gave no answer within its token budget)"
+            out(f"A ({finish}{why}{', streamed' if n == 0 else ''}): {shown}")
             out(f"  citations:\n    {_show_citations(cites)}")
         hits = post_json(f"{base}/v1/memories/search", key, {"query": questions[0], "top_k": 3})
         out(f"\nsearch {questions[0]!r}: " + ", ".join(f"[{h['id']}] score={h['score']:.4f}" for h in hits["data"]))
