@@ -232,6 +232,8 @@ MALFORMED = [
     ("POST", "/v1/chat/completions", {**CHAT, "temperature": -1}, 422, "temperature"),
     ("POST", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools"),
     ("POST", "/v1/chat/completions", {**CHAT, "messages": "hello"}, 422, "messages"),
+    ("POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "why? " * 1000}]}, 422,
+     "max_prompt_tokens=4096"),
     ("POST", "/v1/memories", {"documents": [{"text": ""}]}, 422, "text"),
     ("POST", "/v1/memories", {"documents": [{"text": "x", "client_id": "7"}]}, 422, "all digits"),
     ("POST", "/v1/memories", {"documents": [{"text": 12}]}, 422, "text"),
