@@ -180,12 +180,21 @@ def cmd_tenant(args: argparse.Namespace) -> int:
 
 
 def _try_ray(args: argparse.Namespace) -> bool:
-    """Connect to a running Ray cluster if there is one (no local start); False when none runs."""
-    try:
-        _ray(args, start=False)
+    """Connect to the Ray cluster named by --address or RAY_ADDRESS (set inside a Ray job), if any.
+
+    Without either, no cluster is looked for: an operations command never joins some other Ray
+    session of this machine by accident.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
         return True
-    except ConnectionError:
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
         return False
+    _ray(args, start=False)
+    return True
 
 
 def cmd_status(args: argparse.Namespace) -> int:
