@@ -143,16 +143,19 @@ def _stored_rows(store: MemoryStore, tenant: str) -> Iterator[SourceRow]:
 
 def reencode(src_url: str, dst_url: str, model: str, options: IngestOptions, *, src_options: dict[str, Any] | None = None,
              dst_options: dict[str, Any] | None = None,
-             on_progress: Callable[[str, IngestProgress], None] | None = None) -> dict[str, IngestSummary]:
+             on_progress: Callable[[str, IngestProgress], None] | None = None,
+             pool: EncoderPool | None = None) -> dict[str, IngestSummary]:
     """Re-encode every document's stored text with `model` into a new store at `dst_url`, tenant by tenant.
 
     Client ids carry over (a document without one gets `doc-<old id>`), ids are the new store's;
     re-running resumes. Returns {tenant: summary}. ValueError if both stores are one.
+    pool: encoders of `model` to use (kept open); by default a pool is started and closed here.
     """
     if src_url.rstrip("/") == dst_url.rstrip("/"):
         raise ValueError("reencode writes a new store: --to must differ from --from")
     src = open_store(src_url, src_options)
-    pool = EncoderPool(model, options)
+    own = pool is None
+    pool = pool or EncoderPool(model, options)
     try:
         dst = MemoryStore.open(dst_url, pool.fingerprint, create=True, storage_options=dst_options)
         out = {}
@@ -164,7 +167,8 @@ def reencode(src_url: str, dst_url: str, model: str, options: IngestOptions, *, 
                                      total=snap.usage()[tenant][0], on_progress=report)
         return out
     finally:
-        pool.close()
+        if own:
+            pool.close()
 
 
 # ---------------------------------------------------------------------------------------------- status / verify

@@ -149,3 +149,40 @@ def test_through_a_running_cluster_capacity_and_quota_refuse_a_batch_whole(inges
         assert len(open_store(url).snapshot().doc_ids("acme")) == 4
     finally:
         cluster.shutdown()
+
+
+def test_reencode_into_a_store_of_a_second_fingerprint(ingest, ray_nodes, tmp_path):
+    """reencode carries every tenant's texts, client ids and metadata into a store of the new model's
+    fingerprint (which the old fingerprint cannot open); a re-run resumes as a no-op."""
+    import json
+    import shutil
+    from importlib import resources
+
+    from msa_cluster.cluster.ops import reencode, store_fingerprint
+    from msa_cluster.storage_adapters import FingerprintMismatchError, MemoryStore
+
+    src_model = resources.files("msa_cluster") / "assets" / MODEL
+    other = tmp_path / "msa-tiny-other"
+    shutil.copytree(str(src_model), other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rope_theta"] = 10000
+    (other / "config.json").write_text(json.dumps(cfg))
+    write_corpus(fsspec.filesystem("file"), f"{tmp_path}/src", "jsonl", texts(5))
+    old, new = f"file://{tmp_path}/old", f"file://{tmp_path}/new"
+    ingest(f"{tmp_path}/src", old, MODEL, _opts())
+    ingest(f"{tmp_path}/src", old, MODEL, _opts(tenant="globex"))
+    pool = EncoderPool(str(other), _opts())
+    try:
+        out = reencode(old, new, str(other), _opts(), pool=pool)
+        assert {t: s.inserted for t, s in out.items()} == {"acme": 5, "globex": 5}
+        again = reencode(old, new, str(other), _opts(), pool=pool)
+        assert {t: (s.inserted, s.skipped) for t, s in again.items()} == {"acme": (0, 5), "globex": (0, 5)}
+    finally:
+        pool.close()
+    assert store_fingerprint(new) == pool.fingerprint != store_fingerprint(old)
+    with pytest.raises(FingerprintMismatchError):
+        MemoryStore.open(new, store_fingerprint(old))
+    for tenant in ("acme", "globex"):
+        assert stored(open_store(new), tenant) == stored(open_store(old), tenant)
+    snap = open_store(new).snapshot()
+    assert {snap.info(i, "acme").metadata["n"] for i in snap.doc_ids("acme")} == {str(i) for i in range(5)}
