@@ -22,22 +22,30 @@ import pytest
 
 from msa_cluster.cluster.ops import open_store
 from tests.cluster.ingest_helpers import MODEL, stored, texts, write_corpus
-from tests.conftest import RAY_ENV, _free_port, _ray_cmd, _spawn
+from tests.conftest import RAY_ENV, _free_port, _ray_cmd
 
 HEAD = "127.0.0.4"
 REPO = str(Path(__file__).resolve().parents[2])
 N_DOCS = 160
 
 
+def _env() -> dict[str, str]:
+    """This process's environment without what a connected driver (the session's) set: a clean Ray client."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **RAY_ENV}
+
+
 @pytest.fixture(scope="module")
 def dashboard():
     """A one-node Ray head with a dashboard on 127.0.0.4; yields the dashboard's URL."""
     port, dash = _free_port(HEAD), _free_port(HEAD)
-    proc = _spawn(_ray_cmd() + [
+    # the job agent's ports are fixed by default: another Ray on this machine (the session's) holds them
+    agent = [f"--dashboard-agent-listen-port={_free_port(HEAD)}", f"--dashboard-agent-grpc-port={_free_port(HEAD)}",
+             f"--metrics-export-port={_free_port(HEAD)}", f"--runtime-env-agent-port={_free_port(HEAD)}"]
+    proc = subprocess.Popen(_ray_cmd() + [
         "start", "--head", f"--node-ip-address={HEAD}", f"--port={port}", f"--dashboard-host={HEAD}",
         f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", "--memory=3000000000",
-        "--object-store-memory=100000000", "--disable-usage-stats", "--block",
-    ])
+        "--object-store-memory=100000000", "--disable-usage-stats", "--block", *agent,
+    ], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://{HEAD}:{dash}"
     try:
         deadline = time.monotonic() + 90
@@ -70,12 +78,17 @@ def _stop_head(proc: subprocess.Popen) -> None:
 
 
 def _submit(dashboard: str, job_id: str, args: list[str], wait: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, **RAY_ENV}
+    env = _env()
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": REPO, **RAY_ENV}})
     cmd = _ray_cmd() + ["job", "submit", f"--address={dashboard}", f"--submission-id={job_id}",
                         f"--runtime-env-json={runtime_env}"] + ([] if wait else ["--no-wait"])
     cmd += ["--", sys.executable, "-m", "msa_cluster.cluster.cli", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.monotonic() + 90
+    while True:  # the dashboard answers before its job agent is up
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
 
 
 def _job_pids(marker: str) -> list[int]:
