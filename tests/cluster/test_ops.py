@@ -132,3 +132,25 @@ def test_status_verify_and_scale_on_a_running_cluster(running, capsys):
     rc, out, _ = _msa(capsys, "status", "--config", cfg)
     assert rc == 0 and "3 shard pairs" in out and "11 documents" in out
     assert os.environ.get("RAY_AUTH_MODE") == "disabled"
+
+
+@pytest.mark.parametrize("argv", [["ingest"], ["reencode"], ["backup"], ["restore"], ["tenant", "delete"], ["status"],
+                                  ["verify"], ["scale"], ["compact"], ["delete"]])
+def test_every_operations_command_has_help(argv, capsys):
+    """Each subcommand prints its help (and exits 0)."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0 and "--store" in capsys.readouterr().out
+
+
+def test_ingest_bad_source_is_one_line(tmp_path, capsys):
+    """A source of unknown files fails before anything is written, in one line."""
+    from msa_cluster.cluster.ingest import IngestOptions, list_source_files
+
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(ValueError, match="must be .jsonl files, .parquet files or text files"):
+        list_source_files(str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        list_source_files(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="commit_every"):
+        IngestOptions(tenant="acme", commit_every=0)
