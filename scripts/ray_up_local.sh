@@ -100,7 +100,8 @@ cfg.update(
           "ssh_proxy_command": "/usr/sbin/sshd -i -f $WORK/sshd_config"},
     file_mounts={},  # token auth is off on loopback: no token to copy
     setup_commands=[],  # this checkout is already installed here (PYTHONPATH points at it)
-    head_start_ray_commands=["ray stop", f"ray start --head --node-ip-address=$HEAD_IP --port=$GCS_PORT "
+    # autoscaler v1: the v2 monitor of Ray 2.60 did not launch the local provider's worker here
+    head_start_ray_commands=["ray stop", f"RAY_enable_autoscaler_v2=0 ray start --head --node-ip-address=$HEAD_IP --port=$GCS_PORT "
                              f"--dashboard-host=$HEAD_IP --dashboard-port=$DASH_PORT "
                              f"--autoscaling-config=~/ray_bootstrap_config.yaml {common}"],
     worker_start_ray_commands=[f"ray start --address=$HEAD_IP:$GCS_PORT --node-ip-address=$WORKER_IP {common}"],
@@ -120,12 +121,13 @@ trap cleanup EXIT
 # 4. ray up ---------------------------------------------------------------------------------------
 say "ray up (head $HEAD_IP, worker $WORKER_IP)"
 "$REAL_RAY" up -y --no-config-cache "$CLUSTER" >"$WORK/up.log" 2>&1 || { tail -40 "$WORK/up.log"; exit 1; }
-for _ in $(seq 120); do
+for _ in $(seq 60); do
   n=$("$PY" -c "import ray; ray.init(address='$HEAD_IP:$GCS_PORT', logging_level='ERROR'); print(sum(x['Alive'] for x in ray.nodes()))" 2>/dev/null || echo 0)
   [ "$n" -ge 2 ] && break
   sleep 2
 done
 say "cluster up: $n nodes"
+[ "$n" -ge 2 ] || say "WARNING: the worker node did not join; going on with the head alone"
 
 # 5. an ingestion job ------------------------------------------------------------------------------
 STORE="file://$WORK/memory"
