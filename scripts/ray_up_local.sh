@@ -109,7 +109,13 @@ cfg.update(
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 EOF
 
+# The head's autoscaler reaches the worker with plain ssh (the head's copy of the config drops the
+# proxy command): an sshd daemon on the worker's address, port 22, stopped by its pid at the end.
+/usr/sbin/sshd -D -f "$WORK/sshd_config" -o "ListenAddress=$WORKER_IP:22" &
+SSHD_PID=$!
+
 cleanup() {
+  kill "$SSHD_PID" 2>/dev/null || true
   say "ray down"
   "$REAL_RAY" down -y "$CLUSTER" >"$WORK/down.log" 2>&1 || say "ray down failed (see $WORK/down.log)"
   "$WORK/bin/ray" stop  # the worker too: the local provider's ray down leaves it running
@@ -135,7 +141,8 @@ say "ray job submit -- msa ingest (the bundled sample corpus)"
 "$REAL_RAY" job submit --address "http://$HEAD_IP:$DASH_PORT" \
   --runtime-env-json "{\"env_vars\": {\"PYTHONPATH\": \"$REPO\", \"RAY_AUTH_MODE\": \"disabled\"}}" -- \
   "$PY" -m msa_cluster.cluster.cli ingest "$REPO/msa_cluster/assets/sample_corpus.jsonl" --store "$STORE" \
-  --model msa-tiny-random --tenant acme --encoder-cpus 0.5 | tail -3
+  --model msa-tiny-random --tenant acme --encoder-cpus 0.5 > "$WORK/ingest.log" 2>&1
+grep -E "inserted|rejected [0-9]|succeeded" "$WORK/ingest.log" || true
 
 # 6. the Serve app and a question over HTTP ------------------------------------------------------------
 KEY=$("$PY" -m msa_cluster.cluster.cli keys --keys-file "$WORK/keys.json" create --tenant acme 2>/dev/null)
