@@ -7,7 +7,8 @@
 #
 # How it reaches the "nodes" without a network: `ray up` talks SSH, and each SSH connection is
 # served by its own `sshd -i` started through ssh's ProxyCommand (no daemon, no port), with a key
-# pair and host key made here. It installs openssh-server and rsync with apt-get when missing.
+# pair and host key made here; the head's autoscaler reaches the worker through an sshd on the
+# worker's address (port 22). It installs openssh-server and rsync with apt-get when missing.
 # Ray 2.60 turns token auth on by default; on loopback the nodes run with RAY_AUTH_MODE=disabled.
 #
 # This machine may run other Ray clusters. `ray down` (and `ray stop`) stop every Ray process of a
