@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -95,9 +95,13 @@ class LimitExceededError(MSAMemoryError):
     `requested` what the request needed; the message says all three."""
 
     def __init__(self, limit: str, maximum: int, requested: int, detail: str = ""):
-        self.limit, self.maximum, self.requested = limit, maximum, requested
+        self.limit, self.maximum, self.requested, self.detail = limit, maximum, requested, detail
         msg = f"{limit}={maximum} exceeded: this request needs {requested}"
         super().__init__(f"{msg} ({detail})" if detail else msg)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int, int, str]]:
+        # rebuilt from its fields, so that it crosses process boundaries (a Ray actor's error) intact
+        return type(self), (self.limit, self.maximum, self.requested, self.detail)
 
 
 class ContextTooLargeError(LimitExceededError, ValueError):

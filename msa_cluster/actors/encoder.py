@@ -14,7 +14,7 @@ import torch
 from msa_cluster.model import MSAForCausalLM
 from msa_cluster.model.protocol import encode_document, wrap_document
 from msa_cluster.model.tokenizer import Codec, load_codec
-from msa_cluster.types import DEFAULT_TENANT, EncodedDocument
+from msa_cluster.types import DEFAULT_TENANT, EncodedDocument, ModelFingerprint
 
 __all__ = ["Encoder", "wrap_document"]
 
@@ -36,6 +36,10 @@ class Encoder:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device), load_codec(path), **kw)
+
+    def describe(self) -> tuple[ModelFingerprint, int]:
+        """(fingerprint, position limit) of the model: what an ingestion driver needs without loading it."""
+        return self.model.fingerprint(), int(self.model.config.max_position_embeddings)
 
     def encode(self, rows: Sequence[dict]) -> list[EncodedDocument]:
         ids, texts, tokens = [], [], []

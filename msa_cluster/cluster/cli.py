@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=["cpu", "cuda"], help="override the config's device")
     tr.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     tr.set_defaults(func=cmd_train)
+
+    from msa_cluster.cluster import cli_ops
+
+    cli_ops.register(sub)
     return ap
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from msa_cluster.cluster.placement import ClusterSpec
 
-__all__ = ["AppConfig", "AuthConfig", "ClusterConfig", "ConfigError", "DeploymentConfig", "LimitsConfig", "load_config",
+__all__ = ["AppConfig", "AuthConfig", "ClusterConfig", "ConfigError", "DeploymentConfig", "IngestConfig", "LimitsConfig", "load_config",
            "env_overrides", "merge"]
 
 ENV_PREFIX = "MSA_"
@@ -123,6 +123,19 @@ class ClusterConfig(_Strict):
                            write_timeout_s=self.write_timeout_s, poll_s=self.poll_s, grace_s=self.grace_s)
 
 
+class IngestConfig(_Strict):
+    """`msa ingest` / `msa reencode`: commit cadence, the encoder pool, long documents."""
+
+    commit_every: int = Field(default=256, ge=1)  # documents per commit (a crash repeats at most one batch)
+    commit_interval_s: float = Field(default=30.0, gt=0)  # or a commit at least this often
+    long_documents: Literal["split", "reject"] = "split"  # over limits.max_document_tokens
+    num_encoders: int = Field(default=1, ge=1)  # EncoderActors (one GPU each when the cluster has GPUs)
+    encoder_cpus: float = Field(default=1.0, gt=0)
+    encoder_gpus: float | None = Field(default=None, ge=0)  # None: 1 when the cluster has GPUs
+    encode_timeout_s: float = Field(default=600.0, gt=0)
+    progress_s: float = Field(default=5.0, gt=0)
+
+
 class AppConfig(_Strict):
     store: str  # the memory store's URL (file://, s3://, any fsspec URL)
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -140,6 +153,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig())
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig())
+    ingest: IngestConfig = Field(default_factory=lambda: IngestConfig())
 
     @field_validator("store")
     @classmethod
