@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,9 +81,11 @@ class StoreConfig:
     uncommitted_grace_s: float = 3600.0  # files no version ever referenced (in-flight writes) live this long
     commit_retries: int = 64  # lost races before CommitConflictError
     verify_writes: bool = True  # read every written file back and check its CRC32 before committing
+    write_workers: int = 4  # segments of one write are encoded and uploaded in parallel by this many threads
 
     def __post_init__(self) -> None:
-        if self.max_segment_bytes < 1 or self.commit_retries < 1 or min(self.gc_grace_s, self.uncommitted_grace_s) < 0:
+        if self.max_segment_bytes < 1 or self.commit_retries < 1 or self.write_workers < 1 or \
+                min(self.gc_grace_s, self.uncommitted_grace_s) < 0:
             raise ValueError(f"invalid StoreConfig {self}: sizes and retries must be positive, grace >= 0")
 
 
@@ -357,21 +360,31 @@ class MemoryStore:
                 size = 0
             groups[-1].append(i)
             size += nbytes
-        out: list[tuple[SegmentRef, list[DocRow]]] = []
-        try:
-            for group in groups:
-                seg_id, files = _new_id(), dict[str, FileRef]()
-                write = self._segment_writer(seg_id, files)
-                try:
-                    rows = encode_segment(seg_id, [docs[i] for i in group], self.layout, write, [crcs[i] for i in group])
-                except BaseException:
-                    self._discard([SegmentRef(seg_id, 0, 0, files)])
-                    raise
-                chunks = sum(r.num_chunks for r in rows)
-                out.append((SegmentRef(seg_id, len(rows), chunks, files), rows))
-        except BaseException:
-            self._discard(seg for seg, _ in out)
-            raise
+
+        def one(group: list[int]) -> tuple[SegmentRef, list[DocRow]]:
+            seg_id, files = _new_id(), dict[str, FileRef]()
+            write = self._segment_writer(seg_id, files)
+            try:
+                rows = encode_segment(seg_id, [docs[i] for i in group], self.layout, write, [crcs[i] for i in group])
+            except BaseException:
+                self._discard([SegmentRef(seg_id, 0, 0, files)])
+                raise
+            return SegmentRef(seg_id, len(rows), sum(r.num_chunks for r in rows), files), rows
+
+        if len(groups) == 1:
+            out = [one(groups[0])]
+        else:  # segments are independent files: encode and upload them in parallel, keep their order
+            with ThreadPoolExecutor(min(len(groups), self.config.write_workers), thread_name_prefix="msa-seg") as pool:
+                futures = [pool.submit(one, g) for g in groups]
+                out, error = [], None
+                for f in futures:
+                    try:
+                        out.append(f.result())
+                    except BaseException as e:  # every upload finishes before the written ones are discarded
+                        error = error or e
+            if error is not None:
+                self._discard(seg for seg, _ in out)
+                raise error
         self._fs.sync_dir(SEGMENT_DIR)
         return out
 

@@ -317,6 +317,39 @@ def test_large_inserts_split_into_segments_in_one_atomic_commit(location):
     assert len(store.snapshot().manifest.segments) == 1 and store.snapshot().doc_ids(ALL) == list(range(8))
 
 
+def test_segments_are_written_in_parallel_in_order_and_fail_whole(location):
+    """With several write workers, segments keep the documents' order; one failed upload fails the
+    write whole: nothing is committed and no segment file of it is left behind."""
+    import threading
+
+    serial, parallel = open_store(location, max_segment_bytes=4000, write_workers=1), None
+    grant(serial, 8)
+    serial.insert([make_doc(i, num_tokens=12) for i in range(8)])
+    order = [[r.doc_id for r in serial.snapshot()._docs(seg).rows] for seg in serial.snapshot().manifest.segments]
+    loc2 = dataclasses.replace(location, url=location.url.rstrip("/") + "-parallel")
+    parallel = open_store(loc2, max_segment_bytes=4000, write_workers=4)
+    grant(parallel, 16)
+    parallel.insert([make_doc(i, num_tokens=12) for i in range(8)])
+    assert [[r.doc_id for r in parallel.snapshot()._docs(seg).rows] for seg in parallel.snapshot().manifest.segments] == order
+    before = parallel.latest_version()
+    fs = StoreFS(loc2.url, loc2.storage_options)
+    files_before = {f.name for f in fs.list("segments")}
+    real, calls, lock = parallel._write_batch, [0], threading.Lock()
+
+    def flaky(rel, batch):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 5:
+            raise OSError("upload failed")
+        return real(rel, batch)
+
+    parallel._write_batch = flaky
+    with pytest.raises(OSError, match="upload failed"):
+        parallel.insert([make_doc(i, num_tokens=12) for i in range(8, 16)])
+    assert parallel.latest_version() == before and {f.name for f in fs.list("segments")} == files_before
+
+
 def test_named_tensors_round_trip_through_safetensors(location):
     """The template-head K/V is stored and read back bit-exactly, with no pickle involved."""
     store = open_store(location)
