@@ -144,6 +144,7 @@ class Coordinator:
         self._chunks: dict[int, int] = {}  # doc id -> chunks, at the served version
         self._acked: dict[int, tuple[int, int]] = {}  # shard -> (version, epoch) it confirmed
         self.refused: tuple[int, str] | None = None
+        self._usage_cache: tuple[tuple[int, int, int], list[tuple[int, int, int]]] | None = None  # see shard_usage
 
     # ------------------------------------------------------------------ shards
     def assignment(self, shard: int) -> Assignment:
@@ -440,7 +441,7 @@ class Coordinator:
         """(documents, tokens, chunks) placed on each shard at the served version (cached per version and epoch)."""
         with self._lock:
             key, placement, version = (self.version, self.epoch, len(self._routers)), dict(self._placement), self.version
-        cached = getattr(self, "_usage_cache", None)
+        cached = self._usage_cache
         if cached is not None and cached[0] == key:
             return list(cached[1])
         out = [[0, 0, 0] for _ in range(key[2])]

@@ -7,21 +7,17 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 
-def _sample_corpus() -> list[dict]:
-    text = (resources.files("msa_cluster") / "assets" / "sample_corpus.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _load_corpus(path: str | None) -> list[dict]:
     if path is None:
-        return _sample_corpus()
+        from msa_cluster.cluster.demo import sample_corpus
+
+        return sample_corpus()
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():

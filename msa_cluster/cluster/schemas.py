@@ -35,6 +35,12 @@ def _unicode(v: Any) -> Any:
     return v
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("is blank")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
@@ -145,12 +151,7 @@ class DocumentIn(_Strict):
 
     _u = field_validator("text", "client_id", "source")(classmethod(lambda cls, v: _unicode(v)))
 
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is blank")
-        return v
+    _b = field_validator("text")(classmethod(lambda cls, v: _not_blank(v)))
 
     @field_validator("client_id")
     @classmethod
@@ -203,12 +204,7 @@ class SearchRequest(_Strict):
 
     _u = field_validator("query")(classmethod(lambda cls, v: _unicode(v)))
 
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is blank")
-        return v
+    _b = field_validator("query")(classmethod(lambda cls, v: _not_blank(v)))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

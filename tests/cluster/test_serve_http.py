@@ -300,7 +300,7 @@ def test_every_route_needs_a_valid_key(app):
 def test_request_ids_health_and_readiness(app):
     status, h, body = request(app, "GET", "/readyz", key=app.key_a)
     assert status == 200 and body["status"] == "ready" and body["version"] >= 0
-    assert re.fullmatch(r"[0-9a-f]{32}", h["x-request-id"]) or h["x-request-id"]
+    assert h["x-request-id"].strip()  # Serve's id (or ours) on every response
     status, h, _ = request(app, "GET", "/healthz", key=app.key_a, headers={"X-Request-ID": "trace-123"})
     assert status == 200 and h["x-request-id"] == "trace-123"
 
