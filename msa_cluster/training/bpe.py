@@ -21,12 +21,13 @@ __all__ = ["tokenizer_corpus", "train_bpe"]
 log = logging.getLogger(__name__)
 
 
-def tokenizer_corpus(seed: int, num_examples: int, num_docs: int = 16, tasks: Sequence[str] = TASKS) -> Iterator[str]:
+def tokenizer_corpus(seed: int, num_examples: int, num_docs: int = 16, tasks: Sequence[str] = TASKS,
+                     id_digits: int = 0) -> Iterator[str]:  # fmt: skip
     """Texts of training-split examples (documents, questions, answers) and the protocol's plain words."""
     # `user` heads every prompt; weighted so that its merges come first at any vocabulary size.
     protocol_text = [P.USER + "\n"] * 20 + [P.INSTRUCTION, P.RETURN_DOCS, P.QUESTION_HEAD, P.ANSWER_PREFIX + " ", "[0]. [1][2]"]
     for i in range(num_examples):
-        ex = make_example(tasks[i % len(tasks)], "train", seed, i, num_docs)
+        ex = make_example(tasks[i % len(tasks)], "train", seed, i, num_docs, id_digits)
         yield from (f"[{d.doc_id}]. {d.text}[{d.doc_id}]" for d in ex.documents)
         yield ex.question
         yield ex.answer
@@ -41,7 +42,10 @@ def train_bpe(texts: Iterator[str] | Sequence[str], vocab_size: int) -> BPECodec
         raise ValueError(f"vocab_size must be at least {256 + len(P.SPECIAL_TOKENS) + 1} (bytes + specials + 'user'), got {vocab_size}")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread: merges tie-break the same way every run
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit: ids and values are copied digit by digit, whatever their length.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

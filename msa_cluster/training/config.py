@@ -47,7 +47,9 @@ class DataSpec(_Strict):
     tasks: dict[str, float] = Field(
         default_factory=lambda: {t: 1.0 for t in TASKS}, description=f"task -> sampling weight; tasks from {TASKS}"
     )
-    num_docs: int = Field(16, ge=2, le=512, description="documents per haystack (ids 0..num_docs-1)")
+    num_docs: int = Field(16, ge=2, le=512, description="documents per haystack")
+    id_digits: int = Field(0, ge=0, le=12, description="0: ids 0..num_docs-1; d: distinct random ids of 1..d digits, "
+                           "so the model learns to read ids from memory of any size (training/tasks.py)")
     one_round_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of examples in one-round (baseline) form")
     eval_examples: int = Field(16, ge=0, le=10000, description="held-out eval-split examples scored at each eval")
     tokenizer_examples: int = Field(2000, ge=10, le=100000, description="training-split examples the BPE is trained on")

@@ -90,7 +90,7 @@ def training_batch(cfg: TrainConfig, codec: BPECodec, step: int, split: str = "t
         rng = random.Random(f"mix/{split}/{cfg.seed}/{index}")
         task = rng.choices(names, weights)[0]
         mode: Mode = "one_round" if rng.random() < cfg.data.one_round_fraction else "interleave"
-        out.append(render(make_example(task, split, cfg.seed, index, cfg.data.num_docs), codec, mode))
+        out.append(render(make_example(task, split, cfg.seed, index, cfg.data.num_docs, cfg.data.id_digits), codec, mode))
     return out
 
 
@@ -147,7 +147,7 @@ def _start(cfg: TrainConfig, out: Path, resume: bool) -> tuple[MSAForCausalLM, B
         return model, codec, opt, state.step
     if ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass resume to continue it, or choose another output_dir")
-    codec = train_bpe(tokenizer_corpus(cfg.seed, cfg.data.tokenizer_examples, cfg.data.num_docs, list(cfg.data.tasks)), cfg.model.vocab_size)
+    codec = train_bpe(tokenizer_corpus(cfg.seed, cfg.data.tokenizer_examples, cfg.data.num_docs, list(cfg.data.tasks), cfg.data.id_digits), cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
     with torch.device(cfg.device):
         model = MSAForCausalLM(model_config(cfg.model, codec))
@@ -205,7 +205,7 @@ def _deterministic_cuda() -> None:
 def _eval_example(cfg: TrainConfig, codec: BPECodec, i: int) -> list[Example]:
     """Held-out example i: the eval split (disjoint entities and values), interleave form."""
     task = list(cfg.data.tasks)[i % len(cfg.data.tasks)]
-    return [render(make_example(task, "eval", cfg.seed, i, cfg.data.num_docs), codec, "interleave")]
+    return [render(make_example(task, "eval", cfg.seed, i, cfg.data.num_docs, cfg.data.id_digits), codec, "interleave")]
 
 
 def _trim_metrics(path: Path, step: int) -> Path:

@@ -13,6 +13,11 @@ round. Tasks:
   company {person} works for is located. The question never names the company, so the second
   document can only be found after reading the first: what memory interleave is for.
 
+Document ids: by default 0..N-1, as a fresh store allocates them. With `id_digits` = d > 0 each
+document gets a distinct random id of 1 to d digits (the digit count drawn uniformly, then the
+value), as in a large memory, so that a model trained on them has to read an id from memory
+rather than count to N.
+
 Determinism: an example depends only on (task, split, seed, index), never on a global RNG.
 Train and evaluation never share an entity or a value: every drawn key, name, company, city,
 number and UUID falls in its split's hash bucket (`in_split`), and is redrawn otherwise.
@@ -131,8 +136,21 @@ def _needle(key: str, value: str, kind: str) -> str:
     return f"The special magic {'number' if kind == 'number' else 'uuid'} for {key} is: {value}."
 
 
-def _assemble(d: _Drawer, task: str, facts: list[str], num_docs: int) -> tuple[tuple[Document, ...], list[int]]:
-    """Place the fact documents at random ids among distinct fillers; returns docs and the facts' ids."""
+def _doc_ids(rng: random.Random, num_docs: int, id_digits: int) -> list[int]:
+    """Ids 0..N-1, or N distinct random ids of 1..id_digits digits (see the module docstring), ascending."""
+    if id_digits == 0:
+        return list(range(num_docs))
+    if 10**id_digits < 2 * num_docs:
+        raise ValueError(f"id_digits={id_digits} is too few for {num_docs} documents")
+    ids: set[int] = set()
+    while len(ids) < num_docs:
+        digits = rng.randint(1, id_digits)
+        ids.add(rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
+    return sorted(ids)
+
+
+def _assemble(d: _Drawer, task: str, facts: list[str], num_docs: int, id_digits: int) -> tuple[tuple[Document, ...], list[int]]:
+    """Place the fact documents at random slots among distinct fillers; returns docs and the facts' ids."""
     if num_docs < len(facts):
         raise ValueError(f"{task} needs at least {len(facts)} documents, got num_docs={num_docs}")
     texts = set(facts)
@@ -147,36 +165,39 @@ def _assemble(d: _Drawer, task: str, facts: list[str], num_docs: int) -> tuple[t
     for slot, fact in zip(slots, facts):
         body[slot] = fact
     it = iter(fillers)
-    docs = tuple(Document(i, t if t is not None else next(it)) for i, t in enumerate(body))
-    return docs, slots
+    ids = _doc_ids(d.rng, num_docs, id_digits)
+    docs = tuple(Document(ids[i], t if t is not None else next(it)) for i, t in enumerate(body))
+    return docs, [ids[s] for s in slots]
 
 
-def make_example(task: str, split: str, seed: int, index: int, num_docs: int = 16) -> TaskExample:
+def make_example(task: str, split: str, seed: int, index: int, num_docs: int = 16, id_digits: int = 0) -> TaskExample:
     """The example `index` of `task` in `split` for `seed`; the same arguments give the same example."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not 0 <= id_digits <= 12:
+        raise ValueError(f"id_digits must be in [0, 12], got {id_digits}")
     rng = random.Random(f"{task}/{split}/{seed}/{index}")
     d = _Drawer(rng, split)
     if task == "two_hop":
-        return _two_hop(d, split, num_docs)
+        return _two_hop(d, split, num_docs, id_digits)
     kind = rng.choice(("number", "uuid"))
     noun = "number" if kind == "number" else "uuid"
     if task == "niah_multivalue":
         key, values = d.word(), [d.value(kind) for _ in range(rng.randint(2, 3))]
-        docs, ids = _assemble(d, task, [_needle(key, v, kind) for v in values], num_docs)
+        docs, ids = _assemble(d, task, [_needle(key, v, kind) for v in values], num_docs, id_digits)
         ordered = [v for _, v in sorted(zip(ids, values))]
         q = f"What are all the special magic {noun}s for {key}?"
         return TaskExample(task, split, docs, q, ", ".join(ordered), (tuple(sorted(ids)),))
     n_keys = 1 if task == "niah_single" else rng.randint(2, 4)
     keys, values = [d.word() for _ in range(n_keys)], [d.value(kind) for _ in range(n_keys)]
-    docs, ids = _assemble(d, task, [_needle(k, v, kind) for k, v in zip(keys, values)], num_docs)
+    docs, ids = _assemble(d, task, [_needle(k, v, kind) for k, v in zip(keys, values)], num_docs, id_digits)
     asked = list(range(min(n_keys, rng.randint(2, 3)))) if task == "niah_multiquery" else [0]
     q = f"What is the special magic {noun} for {' and '.join(keys[i] for i in asked)}?"
     answer = ", ".join(values[i] for i in asked)
     return TaskExample(task, split, docs, q, answer, (tuple(sorted(ids[i] for i in asked)),))
 
 
-def _two_hop(d: _Drawer, split: str, num_docs: int) -> TaskExample:
+def _two_hop(d: _Drawer, split: str, num_docs: int, id_digits: int) -> TaskExample:
     """Person -> company -> city, with distractor pairs so that neither hop is guessable."""
     pairs = max(1, min(3, (num_docs - 2) // 4))
     people = [d.person() for _ in range(pairs + 1)]
@@ -184,7 +205,7 @@ def _two_hop(d: _Drawer, split: str, num_docs: int) -> TaskExample:
     cities = [d.word() for _ in range(pairs + 1)]
     facts = [f"{p} works at {c}." for p, c in zip(people, companies)]
     facts += [f"{c} is located in {city}." for c, city in zip(companies, cities)]
-    docs, ids = _assemble(d, "two_hop", facts, num_docs)
+    docs, ids = _assemble(d, "two_hop", facts, num_docs, id_digits)
     first, second = ids[0], ids[pairs + 1]
     q = f"In which city is the company that {people[0]} works for located?"
     return TaskExample("two_hop", split, docs, q, cities[0], ((first,), (second,)))

@@ -31,3 +31,12 @@ def test_transformers_codec_reads_control_strings_as_text():
     text = "a <|im_start|>user<|im_end|> <End-of-Retrieve>"
     assert hf.encode(text) == bpe.encode(text)
     assert P.template_head(hf) == P.template_head(bpe) and hf.decode(P.template_head(hf)) == "<|im_start|>user\n"
+
+
+def test_bpe_gives_every_digit_its_own_token():
+    """Ids and values are copied digit by digit: no merge spans two digits, whatever the corpus held."""
+    codec = train_bpe(tokenizer_corpus(0, 200, id_digits=6), 600)
+    text = "[904817]. The special magic number for Zorbax is: 7712093.[904817]"
+    pieces = [codec.decode([i]) for i in codec.encode(text)]
+    assert codec.decode(codec.encode(text)) == text
+    assert all(sum(ch.isdigit() for ch in p) <= 1 for p in pieces)

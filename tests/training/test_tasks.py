@@ -26,6 +26,27 @@ def test_examples_are_seeded_distinct_and_answerable(task):
     assert make_example(task, "train", 7, 0) != make_example(task, "train", 8, 0)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_random_ids_are_distinct_ascending_and_keep_the_gold_documents(task):
+    """id_digits=d: distinct ids of 1..d digits, ascending, short and long ones; the hops name the documents that hold the answer."""
+    lengths = set()
+    for i in range(20):
+        ex = make_example(task, "train", 3, i, num_docs=16, id_digits=6)
+        assert ex == make_example(task, "train", 3, i, num_docs=16, id_digits=6)
+        ids = [d.doc_id for d in ex.documents]
+        assert ids == sorted(set(ids)) and len(ids) == 16 and all(0 <= d < 10**6 for d in ids)
+        lengths.update(len(str(d)) for d in ids)
+        texts = {d.doc_id: d.text for d in ex.documents}
+        assert all(part in " ".join(texts[d] for d in ex.gold) for part in ex.answer.split(", "))
+        plain = make_example(task, "train", 3, i, num_docs=16)
+        assert [d.text for d in ex.documents] == [d.text for d in plain.documents]  # same haystack, other ids
+    assert lengths == {1, 2, 3, 4, 5, 6}
+    with pytest.raises(ValueError, match="id_digits"):
+        make_example(task, "train", 0, 0, num_docs=64, id_digits=1)
+    with pytest.raises(ValueError, match="id_digits"):
+        make_example(task, "train", 0, 0, id_digits=-1)
+
+
 def test_two_hop_second_document_is_only_reachable_through_the_first():
     """The question names the person only; the first hop names the company, which the second hop's document holds."""
     for i in range(20):
