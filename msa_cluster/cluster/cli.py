@@ -216,6 +216,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy against memory size (training/memory_eval.py), through the public Python API."""
+    import torch
+
+    from msa_cluster.model import MSAForCausalLM
+    from msa_cluster.model.tokenizer import load_codec
+    from msa_cluster.training.memory_eval import EvalMemory, SweepConfig, markdown_table, parse_size, run_sweep
+    from msa_cluster.training.tasks import TASKS
+
+    tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    cfg = SweepConfig(sizes=tuple(parse_size(s) for s in args.sizes.split(",") if s.strip()), tasks=tasks,
+                      examples=args.examples, seed=args.seed, max_answer_tokens=args.max_answer_tokens)  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MSAForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    codec = load_codec(args.model)
+    print(f"evaluating {args.model} on {args.backend}: sizes {args.sizes}, {len(tasks)} tasks x {args.examples} examples", flush=True)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.backend == "ray":
+        from msa_cluster.cluster.evaluation import RayEvalMemory
+
+        with RayEvalMemory(model, num_shards=args.shards) as ray_memory:
+            memory: EvalMemory = ray_memory
+            result = run_sweep(model, codec, cfg, memory, progress=say)
+    else:
+        result = run_sweep(model, codec, cfg, progress=say)
+    out = result.as_dict()
+    out["model"], out["backend"] = str(args.model), args.backend
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"results: {args.out}")
+    print(markdown_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="msa", description="msa-cluster: long-term LLM memory with Memory Sparse Attention")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -293,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=["cpu", "cuda"], help="override the config's device")
     tr.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="accuracy against memory size: held-out task examples over memories of 16K to 100M tokens")
+    ev.add_argument("--model", default="msa-tiny", help="a bundled model name or a checkpoint directory (default: msa-tiny)")
+    ev.add_argument("--sizes", default="16K", help="comma-separated memory sizes in tokens, K/M/G binary units (e.g. 16K,128K,1M)")
+    ev.add_argument("--tasks", default="all", help="comma-separated tasks, or all")
+    ev.add_argument("--examples", type=int, default=20, help="held-out examples per task and size (default 20)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the examples and the background haystack")
+    ev.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
+                    help="in-process memory, or a local Ray memory cluster (store + coordinator + shards)")
+    ev.add_argument("--shards", type=int, default=2, help="shard pairs of the Ray backend (default 2)")
+    ev.add_argument("--max-answer-tokens", type=int, default=128, help="answer token limit (default 128)")
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    ev.add_argument("--out", help="write every score and per-example record as JSON here")
+    ev.set_defaults(func=cmd_eval)
 
     from msa_cluster.cluster import cli_ops
 

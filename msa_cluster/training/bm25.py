@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["BM25", "terms"]
+__all__ = ["BM25", "InvertedBM25", "terms"]
 
 _TERM = re.compile(r"[0-9a-z]+(?:-[0-9a-z]+)*")
 
@@ -51,3 +51,68 @@ class BM25:
             raise ValueError(f"k must be >= 1, got {k}")
         s = self.scores(query)
         return sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+
+
+class InvertedBM25:
+    """BM25 over a changing set of documents keyed by id, with the same formula and tie order as `BM25`.
+
+    Postings per term, so a query costs the postings of its terms, not a pass over every document:
+    what a memory of millions of documents needs. `add` and `remove` keep the statistics exact.
+    """
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        if k1 < 0 or not 0 <= b <= 1:
+            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
+        self.k1, self.b = k1, b
+        self.postings: dict[str, dict[int, int]] = {}
+        self.lengths: dict[int, int] = {}
+        self.doc_terms: dict[int, tuple[str, ...]] = {}
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, key: int, text: str) -> None:
+        if key in self.lengths:
+            raise ValueError(f"document {key} is already indexed")
+        f = Counter(terms(text))
+        for t, c in f.items():
+            self.postings.setdefault(t, {})[key] = c
+        self.lengths[key] = n = sum(f.values())
+        self.doc_terms[key] = tuple(f)
+        self.total += n
+
+    def remove(self, key: int) -> None:
+        if key not in self.lengths:
+            raise KeyError(f"document {key} is not indexed")
+        self.total -= self.lengths.pop(key)
+        for t in self.doc_terms.pop(key):
+            posting = self.postings[t]
+            del posting[key]
+            if not posting:
+                del self.postings[t]
+
+    def scores(self, query: str) -> dict[int, float]:
+        """Scores of the documents that hold a query term (every other document scores 0)."""
+        n = len(self.lengths)
+        avgdl = self.total / max(n, 1)
+        out: dict[int, float] = {}
+        for t in set(terms(query)):
+            posting = self.postings.get(t)
+            if not posting:
+                continue
+            idf = math.log(1 + (n - len(posting) + 0.5) / (len(posting) + 0.5))
+            for key, c in posting.items():
+                norm = self.k1 * (1 - self.b + self.b * self.lengths[key] / max(avgdl, 1e-9))
+                out[key] = out.get(key, 0.0) + idf * c * (self.k1 + 1) / (c + norm)
+        return out
+
+    def top_k(self, query: str, k: int) -> list[int]:
+        """Keys of the k best documents, best first, ties to the lower key (documents without a query term last)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        s = self.scores(query)
+        best = sorted(s, key=lambda i: (-s[i], i))[:k]
+        if len(best) < k:
+            best += sorted(i for i in self.lengths if i not in s)[: k - len(best)]
+        return best

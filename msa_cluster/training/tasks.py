@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "SPLITS", "Document", "TaskExample", "make_example", "in_split"]
+__all__ = ["TASKS", "SPLITS", "Document", "TaskExample", "make_example", "in_split", "filler_texts"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "two_hop")
 SPLITS = ("train", "eval")
@@ -130,6 +130,19 @@ def _filler(d: _Drawer) -> str:
         person=d.person(), person2=d.person(), city=d.word(), n=r.randint(2, 99), hour=r.randint(1, 12), adj=r.choice(_ADJS),
         thing=r.choice(_THINGS), color=r.choice(_COLORS), day=r.choice(_DAYS), year=r.randint(1800, 2020),
     )  # fmt: skip
+
+
+def filler_texts(seed: int, split: str) -> Iterator[str]:
+    """An endless stream of distinct filler documents of `split` (a background haystack), seeded."""
+    d = _Drawer(random.Random(f"haystack/{split}/{seed}"), split)
+    seen: set[str] = set()
+    while True:
+        text = _filler(d)
+        if text not in seen:
+            seen.add(text)
+            yield text
+        if len(d.used) > 4_000_000:  # keep the drawer's memory bounded; texts stay distinct through `seen`
+            d.used.clear()
 
 
 def _needle(key: str, value: str, kind: str) -> str:

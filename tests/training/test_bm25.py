@@ -30,3 +30,30 @@ def test_bm25_finds_needles_but_not_the_second_hop():
         ex = make_example("two_hop", "eval", 0, i)
         hits_second += BM25([d.text for d in ex.documents]).top_k(ex.question, 1) == [ex.hops[1][0]]
     assert hits_single == 20 and hits_second == 0
+
+
+def test_inverted_bm25_equals_bm25_through_adds_and_removes():
+    """The posting-list index gives BM25's scores and top-k on the live documents after any adds and removes."""
+    from msa_cluster.training.bm25 import InvertedBM25
+    from msa_cluster.training.tasks import filler_texts
+
+    texts = [t for t, _ in zip(filler_texts(0, "eval"), range(60))]
+    ex = make_example("niah_multikey", "eval", 0, 3)
+    inv = InvertedBM25()
+    for i, t in enumerate(texts):
+        inv.add(i, t)
+    for d in ex.documents:
+        inv.add(1000 + d.doc_id, d.text)
+    for i in range(0, 60, 3):
+        inv.remove(i)
+    live = sorted(inv.lengths)
+    ref = BM25([texts[i] if i < 1000 else ex.documents[i - 1000].text for i in live])
+    want = {live[j]: s for j, s in enumerate(ref.scores(ex.question)) if s > 0}
+    got = inv.scores(ex.question)
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
+    assert inv.top_k(ex.question, 5) == [live[j] for j in ref.top_k(ex.question, 5)]
+    assert inv.top_k(ex.question, 5)[0] == 1000 + ex.hops[0][0]
+    with pytest.raises(ValueError, match="already"):
+        inv.add(1, "again")
+    with pytest.raises(KeyError, match="0"):
+        inv.remove(0)
