@@ -142,7 +142,7 @@ say "ray job submit -- msa ingest (the bundled sample corpus)"
 "$REAL_RAY" job submit --address "http://$HEAD_IP:$DASH_PORT" \
   --runtime-env-json "{\"env_vars\": {\"PYTHONPATH\": \"$REPO\", \"RAY_AUTH_MODE\": \"disabled\"}}" -- \
   "$PY" -m msa_cluster.cluster.cli ingest "$REPO/msa_cluster/assets/sample_corpus.jsonl" --store "$STORE" \
-  --model msa-tiny-random --tenant acme --encoder-cpus 0.5 > "$WORK/ingest.log" 2>&1
+  --model msa-tiny --tenant acme --encoder-cpus 0.5 > "$WORK/ingest.log" 2>&1
 grep -E "inserted|rejected [0-9]|succeeded" "$WORK/ingest.log" || true
 
 # 6. the Serve app and a question over HTTP ------------------------------------------------------------
@@ -157,7 +157,7 @@ applications:
     runtime_env: {env_vars: {PYTHONPATH: "$REPO", RAY_AUTH_MODE: disabled}}
     args:
       store: $STORE
-      model: msa-tiny-random
+      model: msa-tiny
       auth: {keys_file: $WORK/keys.json}
       deployment: {num_replicas: 1, num_cpus: 0.5}
       cluster: {name: msa, namespace: msa, start: true, num_shards: 2, cpus_per_actor: 0.25}
@@ -171,6 +171,6 @@ for _ in $(seq 150); do
 done
 [ "$code" = 200 ] || { say "the app did not become ready (last HTTP $code)"; exit 1; }
 say "query over HTTP"
-"$PY" -m msa_cluster.cluster.cli query "When was the new pier at Karst Point finished?" \
-  --url "http://$HEAD_IP:$HTTP_PORT" --api-key "$KEY" --max-tokens 16
+"$PY" -m msa_cluster.cluster.cli query "What is the special magic number for Rourzul?" \
+  --url "http://$HEAD_IP:$HTTP_PORT" --api-key "$KEY" --max-tokens 32
 say "ray up -> ingest -> answered query took $(( $(date +%s) - START ))s"

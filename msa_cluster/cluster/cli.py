@@ -222,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from msa_cluster.model import MSAForCausalLM
     from msa_cluster.model.tokenizer import load_codec
-    from msa_cluster.training.memory_eval import EvalMemory, SweepConfig, markdown_table, parse_size, run_sweep
+    from msa_cluster.training.memory_eval import EvalMemory, SweepConfig, goal_lines, markdown_table, parse_size, run_sweep
     from msa_cluster.training.tasks import TASKS
 
     tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -248,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"results: {args.out}")
     print(markdown_table(result))
+    print("\n".join(goal_lines(result)))
     return 0
 
 
@@ -259,11 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Start Ray on loopback, encode a corpus into a store, start the memory cluster and "
                                       "the Serve app on 127.0.0.1, ask questions with the openai client, print answers "
                                       "with citations, and shut everything down.")
-    demo.add_argument("--model", help="MSA checkpoint directory or bundled model name (default: msa-tiny-random)")
+    demo.add_argument("--model", help="MSA checkpoint directory or bundled model name (default: msa-tiny)")
     demo.add_argument("--corpus", help="a .jsonl file with one {'text', optional 'client_id'} object per line (default: bundled sample)")
     demo.add_argument("--question", action="append", help="a question to ask (repeatable; default: the sample questions)")
     demo.add_argument("--max-rounds", type=int, default=2, help="memory-interleave reading rounds")
-    demo.add_argument("--max-tokens", type=int, default=24, help="answer tokens")
+    demo.add_argument("--max-tokens", type=int, default=64, help="answer tokens")
     demo.add_argument("--mode", choices=["interleave", "one_round"], default="interleave",
                       help="one_round: route once and answer from routed memory without reading texts")
     demo.add_argument("--keep", action="store_true", help="keep the temporary store and keys file")

@@ -303,7 +303,7 @@ def _common(p: argparse.ArgumentParser, store_help: str = "memory store URL (fil
 
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory or bundled model name (default msa-tiny-random)")
+    p.add_argument("--model", help="checkpoint directory or bundled model name (default msa-tiny)")
     p.add_argument("--commit-every", type=int, help="documents per commit (config ingest.commit_every, 256)")
     p.add_argument("--commit-interval", type=float, help="seconds between commits at most (ingest.commit_interval_s, 30)")
     p.add_argument("--long-documents", choices=["split", "reject"], help="documents over the length limit (default split)")

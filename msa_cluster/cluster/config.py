@@ -140,7 +140,7 @@ class AppConfig(_Strict):
     store: str  # the memory store's URL (file://, s3://, any fsspec URL)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     create_store: bool = False  # create an empty store for the model when none exists
-    model: str = "msa-tiny-random"  # a checkpoint directory or a bundled model name
+    model: str = "msa-tiny"  # a checkpoint directory or a bundled model name
     model_name: str | None = None  # the id in /v1/models and responses; default: the checkpoint's name
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

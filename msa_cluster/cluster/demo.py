@@ -23,13 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SAMPLE_QUESTIONS", "run_demo", "start_local_ray", "free_port", "sample_corpus", "post_json"]
+__all__ = ["DEMO_MODEL", "SAMPLE_QUESTIONS", "sample_questions", "run_demo", "start_local_ray", "free_port", "sample_corpus", "post_json"]
 
-SAMPLE_QUESTIONS = (
-    "When was the father of the lighthouse logbook keeper born?",
-    "When was the new pier at Karst Point finished?",
-    "How long does the ferry from Lenholm to Karst Point take?",
-)
+DEMO_MODEL = "msa-tiny"
 
 # Ray on one machine without token auth (see the toolchain notes). Ray rewrites 127.0.0.1 to the
 # machine's network address, but not the rest of 127.0.0.0/8, so on Linux the node takes 127.0.0.2.
@@ -37,9 +33,22 @@ LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 LOCAL_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
 
 
-def sample_corpus() -> list[dict[str, Any]]:
-    text = (resources.files("msa_cluster") / "assets" / "sample_corpus.jsonl").read_text()
+def _asset_rows(name: str) -> list[dict[str, Any]]:
+    text = (resources.files("msa_cluster") / "assets" / name).read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def sample_corpus() -> list[dict[str, Any]]:
+    """The demo's documents: held-out task facts among fillers (scripts/make_sample_corpus.py)."""
+    return _asset_rows("sample_corpus.jsonl")
+
+
+def sample_questions() -> list[dict[str, Any]]:
+    """The demo's questions over the sample corpus, each with its task and expected answer."""
+    return _asset_rows("sample_questions.jsonl")
+
+
+SAMPLE_QUESTIONS = tuple(q["question"] for q in sample_questions())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,7 +107,7 @@ def _show_citations(citations: list[dict[str, Any]]) -> str:
     return "\n    ".join(parts) or "(none)"
 
 
-def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIONS, *, max_tokens: int = 24,
+def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIONS, *, max_tokens: int = 64,
              max_rounds: int = 2, mode: str = "interleave", keep: bool = False, corpus: Sequence[dict[str, Any]] | None = None,
              out: Any = print) -> int:
     import ray
@@ -109,10 +118,9 @@ def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIO
     from msa_cluster.cluster.keys import create_key
     from msa_cluster.cluster.placement import MemoryCluster
     from msa_cluster.cluster.serve_app import build_app
-    from msa_cluster.model.tiny import TINY_RANDOM
-
     t0 = time.monotonic()
-    model_name = model or TINY_RANDOM
+    model_name = model or DEMO_MODEL
+    expected = {q["question"]: q["answer"] for q in sample_questions()} if corpus is None else {}
     rows = list(corpus) if corpus is not None else sample_corpus()
     work = Path(tempfile.mkdtemp(prefix="msa-demo-"))
     tenant = "demo"
@@ -158,14 +166,15 @@ def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIO
             why = f", {msa.get('finish_reason')}" if msa else ""
             shown = repr(text) if text else "(no answer: the model named no document and gave no answer within its token budget)"
             out(f"A ({finish}{why}{', streamed' if n == 0 else ''}): {shown}")
+            if q in expected:
+                out(f"  expected: {expected[q]!r} ({'correct' if expected[q].lower() in text.lower() else 'WRONG'})")
             out(f"  citations:\n    {_show_citations(cites)}")
         hits = post_json(f"{base}/v1/memories/search", key, {"query": questions[0], "top_k": 3})
         out(f"\nsearch {questions[0]!r}: " + ", ".join(f"[{h['id']}] score={h['score']:.4f}" for h in hits["data"]))
         added = post_json(f"{base}/v1/memories", key, {"text": "The lighthouse museum opens at nine.", "client_id": "museum"})
         out(f"added document {added['data'][0]['id']} (client id 'museum') at store version {added['version']}; "
             f"an answer now may cite it")
-        out(f"\ndemo finished in {time.monotonic() - t0:.1f} s; the bundled model is random, so its answers are noise "
-            "(routing and citations are real)")
+        out(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
         return 0
     finally:
         try:

@@ -17,7 +17,7 @@ QUESTION = "When was the father of the lighthouse logbook keeper born?"
 
 
 def golden_outputs() -> dict[str, Any]:
-    """Selections, pooled-key checksums and last-token logits of one prefill over the sample corpus."""
+    """Selections, pooled-key checksums and last-token logits of one prefill over the golden corpus (the first sample corpus)."""
     from msa_cluster.model import InProcessMemory, MSAForCausalLM, protocol
     from msa_cluster.model.tiny import bundled_checkpoint
     from msa_cluster.model.tokenizer import load_codec
@@ -25,7 +25,7 @@ def golden_outputs() -> dict[str, Any]:
     path = bundled_checkpoint()
     model = MSAForCausalLM.from_pretrained(path)
     codec = load_codec(path)
-    text = (resources.files("msa_cluster") / "assets" / "sample_corpus.jsonl").read_text()
+    text = (resources.files("msa_cluster") / "assets" / "golden_corpus.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     wrapped = [protocol.encode_document(codec, r["id"], r["text"]) for r in rows]
     memory = InProcessMemory.from_documents(model, wrapped, texts=[r["text"] for r in rows], doc_ids=[r["id"] for r in rows])

@@ -54,6 +54,7 @@ __all__ = [
     "run_sweep",
     "remap",
     "markdown_table",
+    "goal_lines",
 ]
 
 EVAL_TENANT = "eval"
@@ -324,3 +325,27 @@ def markdown_table(result: SweepResult) -> str:
                          f"{v.router_recall_any:.2f} | " + " | ".join(per_layer) + f" | {v.bm25_recall:.2f} | {v.citation_recall:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
+
+
+def goal_lines(result: SweepResult) -> list[str]:
+    """The issue's quality goals, read off a sweep: what was measured against what was asked."""
+    sizes = sorted(result.sizes, key=lambda s: s.size)
+    lines = []
+    first, last = sizes[0], sizes[-1]
+    if "niah_single" in first.scores:
+        em0 = first.scores["niah_single"].string_match
+        lines.append(f"niah_single string match at {format_size(first.size)}: {em0:.3f} (goal >= 0.95)")
+        if len(sizes) > 1 and "niah_single" in last.scores:
+            em1 = last.scores["niah_single"].string_match
+            drop = (em0 - em1) / em0 if em0 > 0 else float("nan")
+            lines.append(f"niah_single relative degradation {format_size(first.size)} -> {format_size(last.size)}: "
+                         f"{drop:+.1%} (goal <= 9%)")  # fmt: skip
+    for s in sizes:
+        if "two_hop" in s.scores and ONE_ROUND in s.scores:
+            gain = 100 * (s.scores["two_hop"].string_match - s.scores[ONE_ROUND].string_match)
+            lines.append(f"two_hop at {format_size(s.size)}: interleave {s.scores['two_hop'].string_match:.3f} vs one round "
+                         f"{s.scores[ONE_ROUND].string_match:.3f}: {gain:+.1f} points (goal >= +15)")  # fmt: skip
+        v = s.scores["all"]
+        lines.append(f"router recall@k (any layer) at {format_size(s.size)}: {v.router_recall_any:.3f} vs BM25 recall@k "
+                     f"{v.bm25_recall:.3f} (goal: router >= BM25)")  # fmt: skip
+    return lines

@@ -27,7 +27,7 @@ def test_config_precedence_yaml_env_flags(tmp_path):
     env = {"MSA_PORT": "9100", "MSA_LIMITS__MAX_TOKENS": "200", "MSA_PROPERTY_PROFILE": "long"}
     cfg = load_config(cfg_file, {"port": 9200, "model": None}, environ=env)
     assert (cfg.store, cfg.port, cfg.limits.max_tokens, cfg.limits.max_top_k) == ("file:///from-yaml", 9200, 200, 9)
-    assert cfg.model == "msa-tiny-random" and cfg.served_model_name == "msa-tiny-random"
+    assert cfg.model == "msa-tiny" and cfg.served_model_name == "msa-tiny"
     assert load_config(cfg_file, environ={}).port == 9000
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from msa_cluster.cluster.cli import main
+from msa_cluster.cluster.demo import sample_questions
 
 
 def _msa(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -20,13 +21,15 @@ def _msa(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_demo_runs_over_http_and_prints_answers_with_citations():
     """`msa demo`: local Ray, a store, the memory cluster and the Serve app; questions over HTTP with citations."""
-    run = _msa("demo", "--max-tokens", "4", "--max-rounds", "1")
+    run = _msa("demo")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    assert "6 documents of tenant 'demo'" in out and "serving http://127.0.0.1:" in out
+    assert "model: msa-tiny (msa-tiny)" in out and "41 documents of tenant 'demo'" in out and "serving http://127.0.0.1:" in out
     assert out.count("\nQ: ") == 3 and out.count("\nA (") == 3 and "streamed" in out
-    assert re.search(r"\[\d+\] sample-\d+ r1 routed score=0\.\d+ layers=\[", out)
-    assert "search 'When was the father" in out and "added document 6" in out and "demo finished in" in out
+    for q in sample_questions():  # the bundled model answers the sample questions, the two-hop one through interleave
+        assert f"Q: {q['question']}" in out and f"expected: {q['answer']!r} (correct)" in out, out
+    assert re.search(r"\[\d+\] sample-\d+ r1 (routed\+)?read score=", out) and re.search(r"\[\d+\] sample-\d+ r2 (routed\+)?read score=", out)
+    assert "search 'What is the special magic" in out and "added document 41" in out and "demo finished in" in out
 
 
 def test_demo_with_a_user_corpus_and_question(tmp_path):

@@ -133,7 +133,7 @@ def test_msa_serve_serves_until_interrupted(ray_nodes, tmp_path):
     with _running(cmd, base, key, spec, log) as proc:
         _exercise(base, key)
         deadline = time.monotonic() + 60  # the app can answer a moment before serve.run returns and the line is printed
-        while "serving msa-tiny-random at http://127.0.0.1:" not in log.read_text():
+        while "serving msa-tiny at http://127.0.0.1:" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -22,11 +23,11 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
 from msa_cluster.cluster.config import load_config  # noqa: E402
-from msa_cluster.cluster.demo import free_port, sample_corpus  # noqa: E402
+from msa_cluster.cluster.demo import free_port  # noqa: E402
 from msa_cluster.cluster.keys import create_key, revoke_key  # noqa: E402
 
 MODEL = "msa-tiny-random"
-TEXTS = [r["text"] for r in sample_corpus()]
+TEXTS = [json.loads(line)["text"] for line in (Path(__file__).parents[2] / "msa_cluster/assets/golden_corpus.jsonl").read_text().splitlines()]  # fmt: skip
 HOST = "127.0.0.1"
 
 

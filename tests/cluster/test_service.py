@@ -26,7 +26,7 @@ from msa_cluster.types import (
 from tests.actors.helpers import plain_cluster
 
 MODEL = "msa-tiny-random"
-TEXTS = [json.loads(line)["text"] for line in open(__file__.rsplit("/tests/", 1)[0] + "/msa_cluster/assets/sample_corpus.jsonl")]
+TEXTS = [json.loads(line)["text"] for line in open(__file__.rsplit("/tests/", 1)[0] + "/msa_cluster/assets/golden_corpus.jsonl")]
 _n = iter(range(10**6))
 
 

@@ -8,6 +8,7 @@ from msa_cluster.training.memory_eval import (
     InProcessEvalMemory,
     SweepConfig,
     format_size,
+    goal_lines,
     markdown_table,
     parse_size,
     run_sweep,
@@ -78,7 +79,11 @@ def test_gold_outputs_score_one_and_an_immediate_wrong_answer_scores_zero():
     def gold(ex, mode):
         return Script([i for turn in render(ex, tok, mode).turns for i, t in zip(turn.ids, turn.target) if t])
 
-    (size,) = run_sweep(model, tok, cfg, processor=gold).sizes
+    result = run_sweep(model, tok, cfg, processor=gold)
+    (size,) = result.sizes
+    lines = goal_lines(result)
+    assert "niah_single string match at 2500: 1.000 (goal >= 0.95)" in lines
+    assert "two_hop at 2500: interleave 1.000 vs one round 1.000: +0.0 points (goal >= +15)" in lines
     for task in ("niah_single", "niah_multivalue", "two_hop", "two_hop_one_round"):
         v = size.scores[task]
         assert v.string_match == v.exact == 1.0 and v.finish == {"answered": 2}, task
