@@ -1,21 +1,32 @@
-"""Segment files: Arrow IPC encoding and decoding of encoded documents, with checksums.
+"""Segment files: encoding and decoding of encoded documents, with checksums.
 
 Shape legend: R routing layers, C chunks of one document, Cs chunks of a whole segment,
-Hkv kv heads, D head dim, N documents in a segment.
+Hkv kv heads, D head dim, N documents in a segment, L = C * Hkv * D * itemsize (one layer of one
+tensor of one document, in bytes).
 
-A segment is three immutable Arrow IPC files (uncompressed, so they memory-map):
-  <id>.docs.arrow     one row per document: id, tenant, source, metadata (JSON), token and
-                      chunk counts, where its content lies in the content file, CRC32s. Small.
-  <id>.router.arrow   doc_id and one large_binary column `rk_<layer>` per routing layer; row i is
-                      that document's router keys [C, Hkv, D]. Arrow stores a column's values back
-                      to back, so a layer's column is one [Cs, Hkv, D] tensor: a bulk load maps it.
-  <id>.content.arrow  doc_id, `kv` (row i: K [R, C, Hkv, D] then V [R, C, Hkv, D], raw bytes) and
-                      `text`. A document's K/V of every layer is one contiguous byte range, so a
-                      cold fetch is one range read; its absolute offset is in the docs table.
+A segment of format 3 (what this code writes) is three immutable files:
+  <id>.docs.arrow     Arrow IPC, one row per document: id, tenant, source, metadata (JSON), token
+                      and chunk counts, where its content lies in the content file, CRC32Cs (one
+                      per routing layer of K/V). Small.
+  <id>.router.bin     raw router keys, layer after layer: layer r is one [Cs, Hkv, D] tensor (all
+                      documents' keys back to back), each layer starting 64-byte aligned, so a
+                      bulk load maps it.
+  <id>.content.bin    per document, 64-byte aligned: K [R, C, Hkv, D], then V [R, C, Hkv, D],
+                      then the UTF-8 text. A document's K/V is one range (one cold read), and its
+                      layer r is the two ranges K[r], V[r] of L bytes each (a one-layer cold read).
+The tensor files are raw rather than Arrow IPC because an Arrow array holds one contiguous
+buffer: writing a segment through Arrow costs a copy of every byte to assemble it, while raw
+files are written straight from the tensors' memory (writev) and read back as views.
+
+Formats 1 and 2 (read only) store router keys and K/V in Arrow IPC files (`.router.arrow`: one
+large_binary column per layer; `.content.arrow`: doc_id, kv, text) and checksum with zlib's CRC32,
+one CRC per document over K||V. Each segment's docs table says its format, so a store can hold
+segments of several formats: new writes and compaction produce format 3.
 
 Tensors are stored as raw little-endian bytes of the store's dtype (Arrow has no bfloat16) and
-viewed back with `torch.frombuffer`: bit-exact, no pickle. Per-document CRC32s cover K||V, the
-router keys (layer after layer) and the text; they are checked on every read.
+viewed back with `torch.frombuffer`: bit-exact, no pickle. Checksums (`crc_of(format)`) cover
+K||V (format 3: each layer's K[r]||V[r]), the router keys (layer after layer) and the text; they
+are checked on every read.
 """
 
 from __future__ import annotations
@@ -23,15 +34,16 @@ from __future__ import annotations
 import json
 import math
 import sys
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from msa_cluster.storage_adapters._arrow import bytes_array, fixed_array, open_batch, read_bytes, read_fixed, value_offsets
+from msa_cluster.storage_adapters._checksums import chained, crc_of
 from msa_cluster.storage_adapters.errors import CorruptStoreError
 from msa_cluster.types import EncodedDocument, ModelFingerprint
 
@@ -40,19 +52,25 @@ __all__ = [
     "READABLE_FORMAT_VERSIONS",
     "TensorLayout",
     "DocRow",
+    "Checksums",
     "SegmentDocs",
     "RouterFile",
     "encode_segment",
+    "segment_file_name",
     "decode_docs",
     "decode_content_range",
+    "decode_layer",
     "decode_text_range",
     "doc_checksums",
     "metadata_json",
-    "crc32",
 ]
 
-FORMAT_VERSION = 2  # 2: manifests allocate document ids per tenant; docs tables carry client ids
-READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 stores open, and are upgraded by their next commit
+# 3: CRC32C checksums (one per layer of K/V), raw tensor files; 2: manifests allocate document ids
+# per tenant, docs tables carry client ids
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # older stores open; their next commit writes a format-3 manifest
+ALIGN = 64  # every document's K/V and every router layer starts 64-byte aligned in its file
+_ZEROS = bytes(ALIGN)
 _META_KEY = b"msa.segment"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -60,12 +78,13 @@ if sys.byteorder != "little":  # raw tensor bytes are little-endian on every sup
     raise ImportError("msa_cluster.storage_adapters needs a little-endian host")
 
 
-def crc32(data: Any, value: int = 0) -> int:
-    return zlib.crc32(data, value) & 0xFFFFFFFF
-
-
 def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def segment_file_name(segment_id: str, kind: str) -> str:
+    """The file name of a format-3 segment's `kind` file ("docs", "router", "content")."""
+    return f"{segment_id}.{kind}.{'arrow' if kind == 'docs' else 'bin'}"
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,12 @@ class TensorLayout:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"{where}: metadata must map str to str, got {k!r}: {v!r}")
 
+    def layer_row(self, layer: int) -> int:
+        """The row of routing layer `layer` in R-shaped tensors; ValueError if it is not one."""
+        if layer not in self.routing_layers:
+            raise ValueError(f"layer {layer!r} is not a routing layer; routing layers: {self.routing_layers}")
+        return self.routing_layers.index(layer)
+
     def segment_meta(self, segment_id: str, kind: str) -> dict[bytes, bytes]:
         meta = {
             "format": FORMAT_VERSION,
@@ -138,6 +163,15 @@ class TensorLayout:
             "byte_order": "little",
         }
         return {_META_KEY: json.dumps(meta, sort_keys=True).encode()}
+
+
+class Checksums(NamedTuple):
+    """A document's checksums as segment format `format` computes them (see `crc_of`)."""
+
+    content: int  # format 3: CRC32C of `layers`; before: CRC32 of K||V
+    router: int  # router keys, layer after layer
+    layers: bytes  # format 3: R little-endian uint32 CRC32Cs, layer r's of K[r]||V[r]; before: b""
+    format: int
 
 
 @dataclass(frozen=True)
@@ -158,13 +192,21 @@ class DocRow:
     text_length: int  # -1: the document has no text
     text_crc: int
     client_id: str | None = None  # the tenant's alias of the document (absent in format 1 segments)
+    layer_crcs: bytes = b""  # format 3: see Checksums.layers
+    format: int = 2  # of the segment (not a column): which checksum and layout the row's bytes use
 
     def digest(self) -> tuple:
-        """What makes two stored documents the same content (for idempotent re-inserts)."""
+        """What makes two stored documents of one format the same content (for idempotent re-inserts)."""
         return (
             self.tenant, self.source, self.metadata, self.num_tokens, self.num_chunks,
             self.content_crc, self.router_crc, self.text_length, self.text_crc, self.client_id,
         )  # fmt: skip
+
+    def checksums(self) -> Checksums:
+        return Checksums(self.content_crc, self.router_crc, self.layer_crcs, self.format)
+
+    def layer_crc(self, r: int) -> int:
+        return int.from_bytes(self.layer_crcs[4 * r : 4 * r + 4], "little")
 
     @property
     def metadata_dict(self) -> dict[str, str]:
@@ -186,167 +228,97 @@ _DOCS_FIELDS = [
     ("text_length", pa.int64()),
     ("text_crc", pa.uint32()),
     ("client_id", pa.string()),  # nullable; not in the docs tables of format 1
+    ("layer_crcs", pa.binary()),  # format 3 only
 ]
 _NULLABLE = {"client_id"}
-_V1_DOCS_FIELDS = _DOCS_FIELDS[:-1]
+_FIELDS_BY_FORMAT = {1: _DOCS_FIELDS[:-2], 2: _DOCS_FIELDS[:-1], 3: _DOCS_FIELDS}
 
 
 # ------------------------------------------------------------------------------------ writing
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's raw bytes as a 1-D uint8 tensor (a view when already contiguous)."""
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
 def _u8np(t: torch.Tensor) -> np.ndarray:
-    """A tensor's raw bytes as a 1-D uint8 numpy array (numpy copies run at memcpy speed)."""
-    return _flat_bytes(t).numpy()
+    """A tensor's raw bytes as a 1-D uint8 numpy array (a view when already contiguous)."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-# Arrays are built from and read through their buffers: pyarrow's Python-object and numpy
-# conversions import pandas (a second of start-up on a small machine) and are not needed here.
-_NP = {pa.int64(): np.int64, pa.uint32(): np.uint32}
+def doc_checksums(doc: EncodedDocument, fmt: int = FORMAT_VERSION) -> Checksums:
+    """The checksums `doc` has when stored in a segment of format `fmt`."""
+    crc = crc_of(fmt)
+    router = chained(crc, (_u8np(doc.router_keys[r]) for r in range(doc.router_keys.shape[0])))
+    if fmt < 3:
+        return Checksums(crc(_u8np(doc.values), crc(_u8np(doc.keys))), router, b"", fmt)
+    layers = np.array(
+        [crc(_u8np(doc.values[r]), crc(_u8np(doc.keys[r]))) for r in range(doc.keys.shape[0])], dtype="<u4"
+    ).tobytes()
+    return Checksums(crc(layers), router, layers, fmt)
 
 
-def _fixed_array(values: Sequence[int], type_: pa.DataType) -> pa.Array:
-    arr = np.asarray(values, dtype=_NP[type_])
-    return pa.Array.from_buffers(type_, len(arr), [None, pa.py_buffer(arr)])
+def text_checksum(text: str | None, fmt: int = FORMAT_VERSION) -> tuple[int, int]:
+    """(UTF-8 length, checksum) of a document's text as format `fmt` stores it; (-1, 0) for none."""
+    if text is None:
+        return -1, 0
+    data = text.encode("utf-8")
+    return len(data), crc_of(fmt)(data)
 
 
-def _string_array(values: Sequence[str | None], type_: pa.DataType | None = None) -> pa.Array:
-    """string (int32 offsets) or large_string (int64) array; None becomes null."""
-    type_ = pa.string() if type_ is None else type_
-    encoded = [v.encode("utf-8") if v is not None else b"" for v in values]
-    offsets = np.zeros(len(values) + 1, dtype=np.int64 if type_ == pa.large_string() else np.int32)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    validity = None
-    if any(v is None for v in values):
-        validity = pa.py_buffer(np.packbits(np.array([v is not None for v in values]), bitorder="little"))
-    nulls = sum(v is None for v in values)
-    return pa.Array.from_buffers(type_, len(values), [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))], nulls)
+def _content_views(docs: Sequence[EncodedDocument], texts: Sequence[bytes | None]):
+    """The content file as buffers in order, and each document's K/V and text offsets in it."""
+    views: list[Any] = []
+    kv_offsets, text_offsets, pos = [], [], 0
+    for d, text in zip(docs, texts):
+        pad = -pos % ALIGN
+        if pad:
+            views.append(_ZEROS[:pad])
+            pos += pad
+        kv_offsets.append(pos)
+        for t in (d.keys, d.values):
+            views.append(_u8np(t))
+            pos += views[-1].nbytes
+        text_offsets.append(pos)
+        if text:
+            views.append(text)
+            pos += len(text)
+    return views, kv_offsets, text_offsets
 
 
-def _read_fixed(arr: pa.Array) -> np.ndarray:
-    return np.frombuffer(arr.buffers()[1], dtype=_NP[arr.type])[arr.offset : arr.offset + len(arr)]
-
-
-def _read_strings(arr: pa.Array, nullable: bool = False) -> list[str | None]:
-    if arr.null_count and not nullable:
-        raise ValueError(f"unexpected nulls in a {arr.type} column")
-    width = np.int64 if arr.type == pa.large_string() else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
-    data = arr.buffers()[2]
-    raw = data.to_pybytes() if data is not None else b""
-    out: list[str | None] = [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-    if arr.null_count:
-        valid = np.unpackbits(np.frombuffer(arr.buffers()[0], dtype=np.uint8), bitorder="little")
-        valid = valid[arr.offset : arr.offset + len(arr)]
-        out = [v if ok else None for v, ok in zip(out, valid.tolist())]
-    return out
-
-
-def _binary_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    n = len(offsets) - 1
-    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def _offsets(arr: pa.Array) -> np.ndarray:
-    """[len + 1] int64 value offsets of a large_binary / large_string array."""
-    return np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-
-
-def _open_batch(buf: Any, name: str) -> tuple[pa.RecordBatch, int]:
-    """Parse a one-batch IPC file; returns the batch and the base address of `buf`."""
-    pbuf = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
-    try:
-        reader = pa.ipc.open_file(pa.BufferReader(pbuf))
-        if reader.num_record_batches != 1:
-            raise ValueError(f"{reader.num_record_batches} record batches, expected 1")
-        batch = reader.get_batch(0)
-        batch.validate(full=True)
-    except (pa.ArrowException, ValueError, OSError) as e:
-        raise CorruptStoreError(f"segment file {name} does not parse as Arrow IPC: {e}", (name,)) from e
-    return batch, pbuf.address
-
-
-def _encode_content(segment_id, docs, layout: TensorLayout, kv_lens: np.ndarray, known, write):
-    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(kv_lens, out=offsets[1:])
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
-    crcs = []
-    for i, d in enumerate(docs):
-        o, half = int(offsets[i]), int(kv_lens[i]) // 2
-        np.copyto(data[o : o + half], _u8np(d.keys))
-        np.copyto(data[o + half : o + 2 * half], _u8np(d.values))
-        crcs.append(known[i] if known[i] is not None else crc32(data[o : o + 2 * half]))
-    texts = _string_array([d.text for d in docs], pa.large_string())
-    ids = _fixed_array([d.doc_id for d in docs], pa.int64())
-    batch = pa.record_batch([ids, _binary_column(data, offsets), texts], names=["doc_id", "kv", "text"])
-    batch = batch.replace_schema_metadata(layout.segment_meta(segment_id, "content"))
-    buf = write("content", batch)
-    parsed, base = _open_batch(buf, f"{segment_id}.content.arrow")
-    kv_start = parsed.column("kv").buffers()[2].address - base
-    text_col = parsed.column("text")
-    text_offsets = _offsets(text_col)
-    text_data = text_col.buffers()[2]
-    text_start = (text_data.address - base) if text_data is not None else 0
-    return offsets[:-1] + kv_start, crcs, text_start + text_offsets[:-1], np.diff(text_offsets)
-
-
-def _encode_router(segment_id, docs, layout: TensorLayout, chunks: np.ndarray, known, write):
-    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(chunks * layout.chunk_bytes, out=offsets[1:])
-    crcs = [0] * len(docs)
-    columns, names = [_fixed_array([d.doc_id for d in docs], pa.int64())], ["doc_id"]
-    for r, layer in enumerate(layout.routing_layers):
-        data = np.empty(int(offsets[-1]), dtype=np.uint8)
-        for i, d in enumerate(docs):
-            a, b = int(offsets[i]), int(offsets[i + 1])
-            np.copyto(data[a:b], _u8np(d.router_keys[r]))
-            if known[i] is None:
-                crcs[i] = crc32(data[a:b], crcs[i])
-        columns.append(_binary_column(data, offsets))
-        names.append(f"rk_{layer}")
-    batch = pa.record_batch(columns, names=names).replace_schema_metadata(layout.segment_meta(segment_id, "router"))
-    write("router", batch)
-    return [c if k is None else k for c, k in zip(crcs, known)]
-
-
-def doc_checksums(doc: EncodedDocument) -> tuple[int, int]:
-    """(CRC32 of K||V bytes, CRC32 of router-key bytes layer after layer): what the files will hold."""
-    kv = crc32(_flat_bytes(doc.values).numpy(), crc32(_flat_bytes(doc.keys).numpy()))
-    rk = 0
-    for r in range(doc.router_keys.shape[0]):
-        rk = crc32(_flat_bytes(doc.router_keys[r]).numpy(), rk)
-    return kv, rk
+def _router_views(docs: Sequence[EncodedDocument], layout: TensorLayout) -> list[Any]:
+    """The router file as buffers in order: layer after layer, each padded to ALIGN bytes."""
+    views: list[Any] = []
+    layer_bytes = sum(d.num_chunks for d in docs) * layout.chunk_bytes
+    for r in range(len(layout.routing_layers)):
+        views.extend(_u8np(d.router_keys[r]) for d in docs)
+        if layer_bytes % ALIGN:
+            views.append(_ZEROS[: -layer_bytes % ALIGN])
+    return views
 
 
 def encode_segment(
     segment_id: str,
     docs: Sequence[EncodedDocument],
     layout: TensorLayout,
-    write: Callable[[str, pa.RecordBatch], Any],
-    checksums: Sequence[tuple[int, int] | None] | None = None,
+    write_file: Callable[[str, list[Any]], Any],
+    write_table: Callable[[str, pa.RecordBatch], Any],
+    checksums: Sequence[Checksums | None] | None = None,
 ) -> list[DocRow]:
-    """Encode documents (already checked with `layout.check`) into one segment's three files.
+    """Encode documents (already checked with `layout.check`) into one format-3 segment's three files.
 
-    write(kind, batch) stores `batch` as the one-batch IPC file of `kind` ("content", "router",
-    "docs", in that order) and returns the file's bytes as stored (the content file's are parsed
-    to find where each document landed). checksums: each document's `doc_checksums`, or None
-    where not computed yet (then they are computed from the assembled bytes).
+    write_file(kind, buffers) stores the raw file of `kind` ("content", then "router") as the
+    concatenation of `buffers` (views of the documents' tensors: nothing is assembled here);
+    write_table("docs", batch) then stores the docs table as a one-batch Arrow IPC file.
+    checksums: each document's `doc_checksums` where already computed (others are computed here;
+    ones of another format are ignored).
     """
     if not docs:
         raise ValueError("a segment needs at least one document")
-    chunks = np.array([d.num_chunks for d in docs], dtype=np.int64)
-    kv_lens = 2 * len(layout.routing_layers) * chunks * layout.chunk_bytes
-    checksums = list(checksums) if checksums is not None else [None] * len(docs)
-    kv_known = [c[0] if c is not None else None for c in checksums]
-    rk_known = [c[1] if c is not None else None for c in checksums]
-    kv_offsets, kv_crcs, text_offsets, text_lens = _encode_content(segment_id, docs, layout, kv_lens, kv_known, write)
-    rk_crcs = _encode_router(segment_id, docs, layout, chunks, rk_known, write)
+    known = list(checksums) if checksums is not None else [None] * len(docs)
+    sums = [c if c is not None and c.format == FORMAT_VERSION else doc_checksums(d) for d, c in zip(docs, known)]
+    texts = [d.text.encode("utf-8") if d.text is not None else None for d in docs]
+    views, kv_offsets, text_offsets = _content_views(docs, texts)
+    write_file("content", views)
+    write_file("router", _router_views(docs, layout))
+    crc = crc_of(FORMAT_VERSION)
     rows = []
     for i, d in enumerate(docs):
-        has_text = d.text is not None
-        text_bytes = d.text.encode("utf-8") if d.text is not None else b""
+        text = texts[i]
         rows.append(
             DocRow(
                 doc_id=d.doc_id,
@@ -354,21 +326,23 @@ def encode_segment(
                 source=d.source,
                 metadata=metadata_json(d.metadata),
                 num_tokens=int(d.num_tokens),
-                num_chunks=int(chunks[i]),
-                content_offset=int(kv_offsets[i]),
-                content_length=int(kv_lens[i]),
-                content_crc=kv_crcs[i],
-                router_crc=rk_crcs[i],
-                text_offset=int(text_offsets[i]) if has_text else -1,
-                text_length=int(text_lens[i]) if has_text else -1,
-                text_crc=crc32(text_bytes) if has_text else 0,
+                num_chunks=int(d.num_chunks),
+                content_offset=kv_offsets[i],
+                content_length=2 * len(layout.routing_layers) * d.num_chunks * layout.chunk_bytes,
+                content_crc=sums[i].content,
+                router_crc=sums[i].router,
+                text_offset=text_offsets[i] if text is not None else -1,
+                text_length=len(text) if text is not None else -1,
+                text_crc=crc(text) if text is not None else 0,
                 client_id=d.client_id,
+                layer_crcs=sums[i].layers,
+                format=FORMAT_VERSION,
             )
         )
     cols = {name: [getattr(r, name) for r in rows] for name, _ in _DOCS_FIELDS}
-    arrays = [_string_array(cols[n]) if t == pa.string() else _fixed_array(cols[n], t) for n, t in _DOCS_FIELDS]
+    arrays = [bytes_array(cols[n], t) if t in (pa.string(), pa.binary()) else fixed_array(cols[n], t) for n, t in _DOCS_FIELDS]
     table = pa.record_batch(arrays, names=[n for n, _ in _DOCS_FIELDS])
-    write("docs", table.replace_schema_metadata(layout.segment_meta(segment_id, "docs")))
+    write_table("docs", table.replace_schema_metadata(layout.segment_meta(segment_id, "docs")))
     return rows
 
 
@@ -380,40 +354,53 @@ class SegmentDocs:
     segment_id: str
     rows: tuple[DocRow, ...]
     chunk_offsets: np.ndarray  # [N + 1] int64
+    format: int = 2
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
+def _segment_meta(batch: pa.RecordBatch, name: str) -> dict:
+    raw = (batch.schema.metadata or {}).get(_META_KEY)
+    try:
+        return json.loads(raw or b"")
+    except (TypeError, ValueError) as e:
+        raise CorruptStoreError(f"segment file {name} has no readable segment metadata", (name,)) from e
+
+
 def decode_docs(segment_id: str, buf: Any, name: str) -> SegmentDocs:
-    batch, _ = _open_batch(buf, name)
-    fields = _V1_DOCS_FIELDS if len(batch.schema.names) == len(_V1_DOCS_FIELDS) else _DOCS_FIELDS
+    batch, _ = open_batch(buf, name)
+    fmt = {len(f): v for v, f in _FIELDS_BY_FORMAT.items()}.get(len(batch.schema.names), FORMAT_VERSION)
+    fields = _FIELDS_BY_FORMAT[fmt]
     want = [n for n, _ in fields]
     if batch.schema.names != want:
         raise CorruptStoreError(f"segment file {name} has columns {batch.schema.names}, expected {want}", (name,))
     if [f.type for f in batch.schema] != [t for _, t in fields]:
         raise CorruptStoreError(f"segment file {name} has column types {batch.schema.types}", (name,))
+    if fmt >= 3 and _segment_meta(batch, name).get("format") != fmt:
+        raise CorruptStoreError(f"segment file {name} has format-{fmt} columns but says otherwise", (name,))
     try:
         cols = [
-            _read_strings(batch.column(n), n in _NULLABLE) if t == pa.string() else _read_fixed(batch.column(n)).tolist()
+            read_bytes(batch.column(n), n in _NULLABLE)
+            if t in (pa.string(), pa.binary())
+            else read_fixed(batch.column(n)).tolist()
             for n, t in fields
         ]
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptStoreError(f"segment file {name} has an unreadable column: {e}", (name,)) from e
-    rows = tuple(DocRow(*values) for values in zip(*cols))
+    rows = tuple(DocRow(**dict(zip(want, values)), format=max(fmt, 2)) for values in zip(*cols))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(np.array([r.num_chunks for r in rows], dtype=np.int64), out=offsets[1:])
-    return SegmentDocs(segment_id, rows, offsets)
+    return SegmentDocs(segment_id, rows, offsets, max(fmt, 2))
 
 
 def _check_meta(batch: pa.RecordBatch, layout: TensorLayout, name: str, kind: str) -> None:
-    raw = (batch.schema.metadata or {}).get(_META_KEY)
-    try:
-        meta = json.loads(raw or b"")
-    except (TypeError, ValueError) as e:
-        raise CorruptStoreError(f"segment file {name} has no readable segment metadata", (name,)) from e
+    """An Arrow router file (formats 1, 2) matches the store's layout."""
+    meta = _segment_meta(batch, name)
     want = json.loads(layout.segment_meta("", kind)[_META_KEY])
-    for key in ("format", "kind", "dtype", "routing_layers", "num_kv_heads", "head_dim", "byte_order"):
+    if meta.get("format") not in (1, 2):
+        raise CorruptStoreError(f"segment file {name}: format={meta.get('format')!r}, expected 1 or 2", (name,))
+    for key in ("kind", "dtype", "routing_layers", "num_kv_heads", "head_dim", "byte_order"):
         if meta.get(key) != want[key]:
             raise CorruptStoreError(f"segment file {name}: {key}={meta.get(key)!r}, expected {want[key]!r}", (name,))
 
@@ -424,36 +411,51 @@ def _frombuffer(buf: Any, dtype: torch.dtype, offset: int, count: int) -> torch.
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
+def router_layer_bytes(docs: SegmentDocs, layout: TensorLayout) -> int:
+    """Bytes from one layer's start to the next in a format-3 router file."""
+    n = int(docs.chunk_offsets[-1]) * layout.chunk_bytes
+    return n + (-n % ALIGN)
+
+
 class RouterFile:
     """A parsed router file: per routing layer a [Cs, Hkv, D] view into `buf` (zero-copy)."""
 
     def __init__(self, docs: SegmentDocs, buf: Any, layout: TensorLayout, name: str):
-        batch, base = _open_batch(buf, name)
-        _check_meta(batch, layout, name, "router")
         self.name, self.docs, self.layout = name, docs, layout
-        ids = _read_fixed(batch.column("doc_id"))
+        self._crc = crc_of(docs.format)
+        total = int(docs.chunk_offsets[-1])
+        starts = self._arrow_starts(buf) if docs.format < 3 else self._raw_starts(buf)
+        count = total * layout.num_kv_heads * layout.head_dim
+        self.layers = [_frombuffer(buf, layout.dtype, s, count).view(total, *layout_shape(layout)) for s in starts]
+
+    def _raw_starts(self, buf: Any) -> list[int]:
+        stride = router_layer_bytes(self.docs, self.layout)
+        want = stride * len(self.layout.routing_layers)
+        if len(buf) != want:
+            raise CorruptStoreError(f"segment file {self.name} has {len(buf)} bytes, its docs table needs {want}", (self.name,))
+        return [r * stride for r in range(len(self.layout.routing_layers))]
+
+    def _arrow_starts(self, buf: Any) -> list[int]:
+        name, docs, layout = self.name, self.docs, self.layout
+        batch, base = open_batch(buf, name)
+        _check_meta(batch, layout, name, "router")
+        ids = read_fixed(batch.column("doc_id"))
         if len(ids) != len(docs) or any(int(a) != r.doc_id for a, r in zip(ids, docs.rows)):
             raise CorruptStoreError(f"segment file {name}: document ids differ from the docs table", (name,))
-        total = int(docs.chunk_offsets[-1])
-        per = layout.num_kv_heads * layout.head_dim
-        self.layers: list[torch.Tensor] = []
+        starts = []
         for layer in layout.routing_layers:
             col = batch.column(f"rk_{layer}")
-            expect = docs.chunk_offsets * layout.chunk_bytes
-            if not np.array_equal(_offsets(col), expect):
+            if not np.array_equal(value_offsets(col), docs.chunk_offsets * layout.chunk_bytes):
                 raise CorruptStoreError(f"segment file {name}: layer {layer} offsets disagree with chunk counts", (name,))
             data = col.buffers()[2]
-            start = (data.address - base) if data is not None else 0
-            self.layers.append(_frombuffer(buf, layout.dtype, start, total * per).view(total, *layout_shape(layout)))
+            starts.append((data.address - base) if data is not None else 0)
+        return starts
 
     def check(self, i: int) -> None:
-        """Verify the router CRC of row i; raises CorruptStoreError naming the file."""
+        """Verify the router checksum of row i; raises CorruptStoreError naming the file."""
         a, b = int(self.docs.chunk_offsets[i]), int(self.docs.chunk_offsets[i + 1])
-        crc = 0
-        for t in self.layers:
-            crc = crc32(_u8(t[a:b]), crc)
         row = self.docs.rows[i]
-        if crc != row.router_crc:
+        if chained(self._crc, (_u8np(t[a:b]) for t in self.layers)) != row.router_crc:
             raise CorruptStoreError(
                 f"segment file {self.name}: router keys of document {row.doc_id} fail their checksum", (self.name,)
             )
@@ -469,8 +471,16 @@ def layout_shape(layout: TensorLayout) -> tuple[int, int]:
     return (layout.num_kv_heads, layout.head_dim)
 
 
-def _u8(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view(-1).view(torch.uint8).numpy()
+def _truncated(row: DocRow, name: str) -> CorruptStoreError:
+    return CorruptStoreError(
+        f"segment file {name} is truncated: document {row.doc_id} needs bytes "
+        f"[{row.content_offset}, {row.content_offset + row.content_length})",
+        (name,),
+    )
+
+
+def _kv_checksum_fails(row: DocRow, name: str) -> CorruptStoreError:
+    return CorruptStoreError(f"segment file {name}: K/V of document {row.doc_id} fail their checksum", (name,))
 
 
 def decode_content_range(row: DocRow, buf: Any, offset: int, layout: TensorLayout, name: str):
@@ -480,29 +490,47 @@ def decode_content_range(row: DocRow, buf: Any, offset: int, layout: TensorLayou
     checksum mismatch.
     """
     if len(buf) - offset < row.content_length:
-        raise CorruptStoreError(
-            f"segment file {name} is truncated: document {row.doc_id} needs bytes "
-            f"[{row.content_offset}, {row.content_offset + row.content_length})",
-            (name,),
-        )
-    view = memoryview(buf)[offset : offset + row.content_length]
-    try:
-        ok = crc32(view) == row.content_crc
-    finally:
-        view.release()
-    if not ok:
-        raise CorruptStoreError(f"segment file {name}: K/V of document {row.doc_id} fail their checksum", (name,))
+        raise _truncated(row, name)
     shape = (len(layout.routing_layers), row.num_chunks, *layout_shape(layout))
     count = math.prod(shape)
     k = _frombuffer(buf, layout.dtype, offset, count).view(shape)
     v = _frombuffer(buf, layout.dtype, offset + count * layout.itemsize, count).view(shape)
+    crc = crc_of(row.format)
+    if row.format >= 3:
+        ok = all(crc(_u8np(v[r]), crc(_u8np(k[r]))) == row.layer_crc(r) for r in range(shape[0]))
+    else:
+        view = memoryview(buf)[offset : offset + row.content_length]
+        try:
+            ok = crc(view) == row.content_crc
+        finally:
+            view.release()
+    if not ok:
+        raise _kv_checksum_fails(row, name)
     return k, v
 
 
-def decode_text_range(row: DocRow, data: bytes | bytearray, name: str) -> str | None:
+def layer_ranges(row: DocRow, r: int, layout: TensorLayout) -> tuple[int, int, int]:
+    """(K[r] offset, V[r] offset, L): where layer row r of a document's K and V lie in the content file."""
+    n = row.num_chunks * layout.chunk_bytes
+    return row.content_offset + r * n, row.content_offset + (len(layout.routing_layers) + r) * n, n
+
+
+def decode_layer(row: DocRow, r: int, kv: torch.Tensor, got: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the layer-r K, V read into `kv` [2, C, Hkv, D] (`got`: bytes read of each) of a
+    format-3 row; returns (K, V) [C, Hkv, D]."""
+    n = kv[0].numel() * kv.element_size()
+    if any(g != n for g in got):
+        raise _truncated(row, name)
+    crc = crc_of(row.format)
+    if crc(_u8np(kv[1]), crc(_u8np(kv[0]))) != row.layer_crc(r):
+        raise _kv_checksum_fails(row, name)
+    return kv[0], kv[1]
+
+
+def decode_text_range(row: DocRow, data: Any, name: str) -> str | None:
     if row.text_length < 0:
         return None
-    if len(data) != row.text_length or crc32(data) != row.text_crc:
+    if len(data) != row.text_length or crc_of(row.format)(data) != row.text_crc:
         raise CorruptStoreError(f"segment file {name}: text of document {row.doc_id} fails its checksum", (name,))
     return bytes(data).decode("utf-8")
 

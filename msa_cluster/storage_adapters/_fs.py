@@ -19,6 +19,7 @@ import mmap
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,28 @@ class StoreFS:
                 raise
             return bytearray(self.fs.cat_file(self.path(rel), start=start, end=size)) if size > start else bytearray()
 
+    def read_into(self, rel: str, ranges: Sequence[tuple[int, Any]]) -> list[int]:
+        """Read file bytes [offset, offset + len(buf)) into each preallocated writable `buf`;
+        returns the bytes read into each (fewer where the file is short). Only these bytes are
+        asked for: locally one pread each, elsewhere one ranged GET each (concurrent on S3)."""
+        views = [memoryview(b).cast("B") for _, b in ranges]
+        if self.kind == "local":
+            with open(self.path(rel), "rb") as f:
+                return [os.preadv(f.fileno(), [v], off) if v.nbytes else 0 for (off, _), v in zip(ranges, views)]
+        full = self.path(rel)
+        parts = self.fs.cat_ranges(
+            [full] * len(ranges), [off for off, _ in ranges], [off + v.nbytes for (off, _), v in zip(ranges, views)],
+            on_error="return",
+        )  # fmt: skip
+        got = []
+        for (off, _), part, v in zip(ranges, parts, views):
+            # an error (S3 answers 416 to a range past the end) is retried alone, which raises or reads short
+            data = part if isinstance(part, bytes | bytearray) else self.read_range(rel, off, v.nbytes)
+            n = min(len(data), v.nbytes)
+            v[:n] = data[:n]
+            got.append(n)
+        return got
+
     def map(self, rel: str, whole: bool = False) -> Any:
         """The whole file as a writable buffer: a private copy-on-write mmap for local files.
 
@@ -206,6 +229,24 @@ class StoreFS:
         # bytes: the memory fs keeps the object (never alias a caller's buffer), and botocore
         # accepts only bytes, bytearray or files as a body
         self.fs.pipe_file(full, bytes(data) if not isinstance(data, bytes) else data)
+
+    def write_views(self, rel: str, views: Sequence[Any]) -> None:
+        """Write a whole file as the concatenation of buffers, in order; fsynced locally.
+
+        Locally the buffers go to the kernel as they are (writev, no joined copy); elsewhere they
+        are joined into the one body a PUT needs.
+        """
+        full = self.path(rel)
+        if self.kind != "local":
+            self.fs.pipe_file(full, b"".join(views))
+            return
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _writev_all(fd, [m for m in (memoryview(v).cast("B") for v in views) if m.nbytes])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write_ipc(self, rel: str, batch: pa.RecordBatch) -> Any:
         """Write a one-batch Arrow IPC file; returns its bytes as stored.
@@ -290,3 +331,18 @@ class StoreFS:
         except FileNotFoundError:
             return False
         return True
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _writev_all(fd: int, views: list[memoryview]) -> None:
+    """writev every byte of `views`, in batches of at most IOV_MAX buffers, resuming short writes."""
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        while i < len(views) and n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        if n:  # a short write ended inside views[i]
+            views[i] = views[i][n:]

@@ -48,7 +48,7 @@ def _pick(m: Manifest, small: int) -> list[SegmentRef]:
 
 
 def _segment_docs(store: MemoryStore, seg: SegmentRef, bufs: dict, dead: frozenset = frozenset()):
-    """Yield (document, (K/V CRC, router CRC)) of a segment's rows not in `dead`, checksum-verified,
+    """Yield (document, its Checksums) of a segment's rows not in `dead`, checksum-verified,
     decoded from the bytes of its three files."""
     names = {k: store._fs.display(ref.path) for k, ref in seg.files.items()}
     docs = decode_docs(seg.id, bufs["docs"], names["docs"])
@@ -74,7 +74,7 @@ def _segment_docs(store: MemoryStore, seg: SegmentRef, bufs: dict, dead: frozens
             metadata=row.metadata_dict,
             client_id=row.client_id,
         )
-        yield doc, (row.content_crc, row.router_crc)
+        yield doc, row.checksums()
 
 
 def _rewrite(store: MemoryStore, cands: list[SegmentRef], m: Manifest):

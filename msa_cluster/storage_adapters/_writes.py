@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from msa_cluster.storage_adapters._format import crc32, doc_checksums, metadata_json
+from msa_cluster.storage_adapters._format import FORMAT_VERSION, Checksums, DocRow, doc_checksums, metadata_json, text_checksum
 from msa_cluster.storage_adapters.errors import CommitConflictError, DocumentExistsError
 from msa_cluster.storage_adapters.manifest import Manifest
 from msa_cluster.storage_adapters.snapshot import (
@@ -52,13 +52,40 @@ class _Restart(Exception):
     """What a write was planned on changed under it in a way a rebase cannot absorb: start over."""
 
 
-def doc_digest(doc: EncodedDocument, crcs: tuple[int, int]) -> tuple:
-    """`DocRow.digest` of the row `doc` will be stored as."""
-    text = doc.text.encode("utf-8") if doc.text is not None else None
+def doc_digest(doc: EncodedDocument, crcs: Checksums) -> tuple:
+    """`DocRow.digest` of the row `doc` will be stored as in a segment of format `crcs.format`."""
+    text_length, text_crc = text_checksum(doc.text, crcs.format)
     return (
-        doc.tenant, doc.source, metadata_json(doc.metadata), int(doc.num_tokens), doc.num_chunks, crcs[0], crcs[1],
-        len(text) if text is not None else -1, crc32(text) if text is not None else 0, doc.client_id,
+        doc.tenant, doc.source, metadata_json(doc.metadata), int(doc.num_tokens), doc.num_chunks, crcs.content,
+        crcs.router, text_length, text_crc, doc.client_id,
     )  # fmt: skip
+
+
+class _Digests:
+    """The documents of one write, digested as a segment of a given format would store them.
+
+    A live row is compared in its own segment's format (a format-2 row with CRC32s against the
+    document's CRC32s), so re-inserting unchanged documents into an older store stays a no-op.
+    Computed on demand and cached; `checksums` keeps those of the current format for the write.
+    """
+
+    def __init__(self, docs: Iterable[EncodedDocument]):
+        self._docs = {d.doc_id: d for d in docs}
+        self._digests: dict[tuple[int, int], tuple] = {}
+        self.checksums: dict[int, Checksums] = {}
+
+    def __call__(self, doc_id: int, fmt: int) -> tuple:
+        key = (doc_id, fmt)
+        if key not in self._digests:
+            crcs = doc_checksums(self._docs[doc_id], fmt)
+            if fmt == FORMAT_VERSION:
+                self.checksums[doc_id] = crcs
+            self._digests[key] = doc_digest(self._docs[doc_id], crcs)
+        return self._digests[key]
+
+    def note(self, row: DocRow) -> None:
+        """A row this write stored: its digest is known without checksumming again."""
+        self._digests.setdefault((row.doc_id, row.format), row.digest())
 
 
 def refuse_repeats(what: str, values: Iterable[Any]) -> None:
@@ -160,21 +187,21 @@ def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool,
     base = store.snapshot()
     _refuse_foreign(store, base, docs, live=existing)
     # checksums up front only for ids already live (to compare); new ones get theirs while encoding
-    crcs = [doc_checksums(d) if d.doc_id in base else None for d in docs]
-    digests = {d.doc_id: doc_digest(d, c) for d, c in zip(docs, crcs) if c is not None}
-    fresh = [
-        i for i, d in enumerate(docs) if d.doc_id not in digests or not _same(store, base, d.doc_id, digests[d.doc_id], replace)
-    ]
+    digests = _Digests(docs)
+    fresh = [i for i, d in enumerate(docs) if not _same(store, base, d.doc_id, digests, replace)]
     if not fresh:
         return CommitResult(version=base.version, skipped=tuple(d.doc_id for d in docs))
     _alias_moves(store, base, (docs[i] for i in fresh), replace)  # refuse before writing anything
-    written = store._write_segments([docs[i] for i in fresh], [crcs[i] for i in fresh])
+    written = store._write_segments([docs[i] for i in fresh], [digests.checksums.get(docs[i].doc_id) for i in fresh])
+    for _, rows in written:
+        for row in rows:
+            digests.note(row)
     fresh_set = set(fresh)
     skipped_early = tuple(d.doc_id for i, d in enumerate(docs) if i not in fresh_set)
 
     def build(base_m: Manifest):
         snap = store.snapshot(base_m.version)
-        if not all(_same(store, snap, i, digests[i], replace) for i in skipped_early):
+        if not all(_same(store, snap, i, digests, replace) for i in skipped_early):
             raise _Restart  # a document not written because it was present is gone or changed now
         gone = [r for _, rows in written for r in rows if r.doc_id not in snap]
         if existing and gone:  # deleted meanwhile: the update comes after the delete, so it fails
@@ -188,7 +215,7 @@ def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool,
                     ins.append(row.doc_id)
                     continue
                 old = snap.info(row.doc_id, ALL_TENANTS).segment_id
-                if _same(store, snap, row.doc_id, row.digest(), replace):
+                if _same(store, snap, row.doc_id, digests, replace):
                     skip.append(row.doc_id)
                     dead.add(row.doc_id)
                 else:
@@ -217,12 +244,13 @@ def _insert_once(store: MemoryStore, docs: list[EncodedDocument], replace: bool,
     return result
 
 
-def _same(store: MemoryStore, snap: StoreSnapshot, doc_id: int, digest: tuple, replace: bool) -> bool:
-    """True if doc_id is live in snap with this digest; raise if live and different (unless replace)."""
+def _same(store: MemoryStore, snap: StoreSnapshot, doc_id: int, digests: _Digests, replace: bool) -> bool:
+    """True if doc_id is live in snap with the content this write has for it; raise if live and
+    different (unless replace)."""
     if doc_id not in snap:
         return False
     row = snap._row(doc_id, ALL_TENANTS)[2]
-    if row.digest() == digest:
+    if row.digest() == digests(doc_id, row.format):
         return True
     if not replace:
         raise DocumentExistsError(

@@ -3,6 +3,8 @@
 Each version is one immutable JSON object `manifest/v<12 digits>.json`, created only if absent
 (see `_fs.StoreFS.create_exclusive`), so publishing version N+1 is a compare-and-swap on N.
 The JSON carries its own CRC32, so a damaged manifest is an error, never a wrong snapshot.
+Each file reference names its checksum's algorithm ("crc32" up to format 2, "crc32c" from 3):
+a store whose files were written by different formats verifies each with its own.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from msa_cluster.storage_adapters._format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, crc32
+from msa_cluster.storage_adapters._checksums import ALGORITHMS, crc32
+from msa_cluster.storage_adapters._format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from msa_cluster.storage_adapters.errors import CorruptStoreError
 from msa_cluster.types import ModelFingerprint
 
@@ -43,11 +46,22 @@ def normalize_fingerprint(fp: ModelFingerprint) -> ModelFingerprint:
 
 @dataclass(frozen=True)
 class FileRef:
-    """An immutable file of the store: path relative to the root, size and CRC32 of its bytes."""
+    """An immutable file of the store: path relative to the root, size and checksum of its bytes."""
 
     path: str
     size: int
-    crc32: int
+    crc: int
+    algorithm: str = "crc32c"  # a key of _checksums.ALGORITHMS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, self.algorithm: self.crc}
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> FileRef:
+        algorithms = [a for a in ALGORITHMS if a in body]
+        if len(algorithms) != 1 or set(body) != {"path", "size", *algorithms}:
+            raise ValueError(f"a file reference has keys {sorted(body)}, expected path, size and one of {sorted(ALGORITHMS)}")
+        return cls(str(body["path"]), int(body["size"]), int(body[algorithms[0]]), algorithms[0])
 
 
 @dataclass(frozen=True)
@@ -178,12 +192,12 @@ class Manifest:
                     "id": s.id,
                     "num_docs": s.num_docs,
                     "num_chunks": s.num_chunks,
-                    "files": {k: asdict(f) for k, f in sorted(s.files.items())},
+                    "files": {k: f.to_json() for k, f in sorted(s.files.items())},
                 }
                 for s in self.segments
             ],
             "tombstones": {k: sorted(v) for k, v in sorted(self.tombstones.items())},
-            "artifacts": {k: asdict(f) for k, f in sorted(self.artifacts.items())},
+            "artifacts": {k: f.to_json() for k, f in sorted(self.artifacts.items())},
             **self.ids.to_json(),
         }
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -209,7 +223,7 @@ class Manifest:
                     id=s["id"],
                     num_docs=int(s["num_docs"]),
                     num_chunks=int(s["num_chunks"]),
-                    files={k: FileRef(**f) for k, f in s["files"].items()},
+                    files={k: FileRef.from_json(f) for k, f in s["files"].items()},
                 )
                 for s in body["segments"]
             )
@@ -223,7 +237,7 @@ class Manifest:
                 fingerprint=ModelFingerprint(**fp),
                 segments=segments,
                 tombstones={k: frozenset(int(x) for x in v) for k, v in body["tombstones"].items()},
-                artifacts={k: FileRef(**f) for k, f in body["artifacts"].items()},
+                artifacts={k: FileRef.from_json(f) for k, f in body["artifacts"].items()},
                 ids=IdAllocation.from_json(body) if body["format_version"] >= 2 else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:

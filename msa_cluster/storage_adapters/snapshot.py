@@ -17,15 +17,17 @@ from typing import Any, Final, Literal
 import numpy as np
 import torch
 
+from msa_cluster.storage_adapters._checksums import ALGORITHMS
 from msa_cluster.storage_adapters._format import (
     DocRow,
     RouterFile,
     SegmentDocs,
     TensorLayout,
-    crc32,
     decode_content_range,
     decode_docs,
+    decode_layer,
     decode_text_range,
+    layer_ranges,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
 from msa_cluster.storage_adapters.errors import CorruptStoreError
@@ -146,12 +148,12 @@ class SegmentCache:
                 table.popitem(last=False)
 
     def read_verified(self, ref: FileRef) -> Any:
-        """A whole file, checked against its size and CRC32 (a writable buffer)."""
+        """A whole file, checked against its size and checksum (a writable buffer)."""
         buf = self.fs.map(ref.path, whole=True)
         name = self.fs.display(ref.path)
         if len(buf) != ref.size:
             raise CorruptStoreError(f"file {name} has {len(buf)} bytes, the manifest says {ref.size}", (name,))
-        if crc32(buf) != ref.crc32:
+        if ALGORITHMS[ref.algorithm](buf, 0) != ref.crc:
             raise CorruptStoreError(f"file {name} fails its checksum", (name,))
         return buf
 
@@ -341,18 +343,34 @@ class StoreSnapshot:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ content
-    def read_kv(self, doc_id: int, tenant: TenantScope) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_kv(self, doc_id: int, tenant: TenantScope, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one document: each [R, C, Hkv, D] in the store dtype, from one range read.
 
         Locally the tensors are zero-copy views of a copy-on-write mmap of the segment shared by
         this store handle: treat them as read-only (clone before writing in place). A write never
         reaches the file, and a later read of the document through this handle reports it as a
         checksum error rather than returning changed values.
+
+        layer: one routing layer only: K, V [C, Hkv, D] (fresh tensors), read as the two ranges
+        K[r], V[r] into preallocated memory, nothing else of the file (segments of format 3, which
+        checksum each layer; an older segment can only be verified whole, so it is read whole).
         """
         seg, _, row = self._row(doc_id, tenant)
         ref = seg.files["content"]
+        name = self._fs.display(ref.path)
+        if layer is not None:
+            r = self._layout.layer_row(layer)
+            if row.format >= 3:
+                k_at, v_at, n = layer_ranges(row, r, self._layout)
+                lay = self._layout
+                kv = torch.empty(2, row.num_chunks, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)  # [2, C, Hkv, D]
+                u8 = kv.view(torch.uint8).view(2, n).numpy()  # [2, L] bytes of the same memory
+                got = self._guard(self._fs.read_into, ref.path, [(k_at, u8[0]), (v_at, u8[1])])
+                return decode_layer(row, r, kv, got, name)
+            k, v = self.read_kv(doc_id, tenant)
+            return k[r].clone(), v[r].clone()
         buf, offset = self._guard(self._cache.range, ref, row.content_offset, row.content_length)
-        return decode_content_range(row, buf, offset, self._layout, self._fs.display(ref.path))
+        return decode_content_range(row, buf, offset, self._layout, name)
 
     def kv_nbytes(self, doc_id: int, tenant: TenantScope) -> int:
         """Bytes of K and V of one document (what `read_kv` brings into memory)."""

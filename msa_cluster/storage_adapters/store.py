@@ -28,11 +28,13 @@ import torch
 
 from msa_cluster.retry import Backoff
 from msa_cluster.storage_adapters import _writes
+from msa_cluster.storage_adapters._checksums import ALGORITHMS, chained, crc32c
 from msa_cluster.storage_adapters._format import (
+    Checksums,
     DocRow,
     TensorLayout,
-    crc32,
     encode_segment,
+    segment_file_name,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
 from msa_cluster.storage_adapters._writes import CommitResult
@@ -80,7 +82,7 @@ class StoreConfig:
     gc_grace_s: float = 3600.0  # superseded versions (and files only they use) live at least this long
     uncommitted_grace_s: float = 3600.0  # files no version ever referenced (in-flight writes) live this long
     commit_retries: int = 64  # lost races before CommitConflictError
-    verify_writes: bool = True  # read every written file back and check its CRC32 before committing
+    verify_writes: bool = True  # read every written file back and check its checksum before committing
     write_workers: int = 4  # segments of one write are encoded and uploaded in parallel by this many threads
 
     def __post_init__(self) -> None:
@@ -314,41 +316,53 @@ class MemoryStore:
             time.sleep(wait)
             base = self._latest_manifest()
 
-    def _check_readback(self, rel: str, size: int, crc: int) -> None:
-        back = self._fs.map(rel)
-        if len(back) != size or crc32(back) != crc:
-            raise CorruptStoreError(f"file {self._fs.display(rel)} does not read back as written", (self._fs.display(rel),))
+    def _check_readback(self, ref: FileRef) -> None:
+        back = self._fs.map(ref.path)
+        if len(back) != ref.size or ALGORITHMS[ref.algorithm](back, 0) != ref.crc:
+            name = self._fs.display(ref.path)
+            raise CorruptStoreError(f"file {name} does not read back as written", (name,))
 
-    def _write_file(self, rel: str, data: Any) -> FileRef:
-        crc = crc32(data)
-        self._fs.write(rel, data)
+    def _write_file(self, rel: str, views: Sequence[Any]) -> FileRef:
+        """Write a file as the concatenation of `views`; its CRC32C is taken from those same buffers."""
+        ref = FileRef(rel, sum(memoryview(v).nbytes for v in views), chained(crc32c, views))
+        self._fs.write_views(rel, views)
         if self.config.verify_writes:
-            self._check_readback(rel, len(data), crc)
-        return FileRef(rel, len(data), crc)
+            self._check_readback(ref)
+        return ref
 
-    def _write_batch(self, rel: str, batch: Any) -> tuple[Any, FileRef]:
-        """Store a one-batch Arrow IPC file; returns its bytes as stored and its FileRef.
+    def _write_batch(self, rel: str, batch: Any) -> FileRef:
+        """Store a one-batch Arrow IPC file (a docs table) and return its FileRef.
 
-        Locally the CRC32 is taken from the written file itself (mapped back after the fsync), so
+        Locally the CRC32C is taken from the written file itself (mapped back after the fsync), so
         the file is always verified; elsewhere `verify_writes` downloads it again to check.
         """
         buf = self._fs.write_ipc(rel, batch)
-        ref = FileRef(rel, len(buf), crc32(buf))
+        ref = FileRef(rel, len(buf), crc32c(buf))
         if self.config.verify_writes and self._fs.kind != "local":
-            self._check_readback(rel, ref.size, ref.crc32)
-        return buf, ref
+            self._check_readback(ref)
+        return ref
 
-    def _segment_writer(self, seg_id: str, files: dict[str, FileRef]) -> Callable[[str, Any], Any]:
-        """The `write` callback of `encode_segment` for segment `seg_id`; records each FileRef in `files`."""
+    def _encode(
+        self, seg_id: str, docs: list[EncodedDocument], crcs: Sequence[Checksums | None]
+    ) -> tuple[SegmentRef, list[DocRow]]:
+        """Write one segment of `docs`; removes what it wrote if it fails."""
+        files: dict[str, FileRef] = {}
 
-        def write(kind: str, batch: Any) -> Any:
-            buf, files[kind] = self._write_batch(f"{SEGMENT_DIR}/{seg_id}.{kind}.arrow", batch)
-            return buf
+        def write_file(kind: str, views: list[Any]) -> None:
+            files[kind] = self._write_file(f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}", views)
 
-        return write
+        def write_table(kind: str, batch: Any) -> None:
+            files[kind] = self._write_batch(f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}", batch)
+
+        try:
+            rows = encode_segment(seg_id, docs, self.layout, write_file, write_table, crcs)
+        except BaseException:
+            self._discard([SegmentRef(seg_id, 0, 0, files)])
+            raise
+        return SegmentRef(seg_id, len(rows), sum(r.num_chunks for r in rows), files), rows
 
     def _write_segments(
-        self, docs: list[EncodedDocument], crcs: Sequence[tuple[int, int] | None]
+        self, docs: list[EncodedDocument], crcs: Sequence[Checksums | None]
     ) -> list[tuple[SegmentRef, list[DocRow]]]:
         """Upload docs as segments of at most max_segment_bytes; returns them (not yet committed)."""
         groups: list[list[int]] = [[]]
@@ -362,14 +376,7 @@ class MemoryStore:
             size += nbytes
 
         def one(group: list[int]) -> tuple[SegmentRef, list[DocRow]]:
-            seg_id, files = _new_id(), dict[str, FileRef]()
-            write = self._segment_writer(seg_id, files)
-            try:
-                rows = encode_segment(seg_id, [docs[i] for i in group], self.layout, write, [crcs[i] for i in group])
-            except BaseException:
-                self._discard([SegmentRef(seg_id, 0, 0, files)])
-                raise
-            return SegmentRef(seg_id, len(rows), sum(r.num_chunks for r in rows), files), rows
+            return self._encode(_new_id(), [docs[i] for i in group], [crcs[i] for i in group])
 
         if len(groups) == 1:
             out = [one(groups[0])]
@@ -457,7 +464,7 @@ class MemoryStore:
         if not tensors or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
             raise TypeError("tensors must be a non-empty mapping of str to torch.Tensor")
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        ref = self._write_file(f"{ARTIFACT_DIR}/{name}-{_new_id()}.safetensors", data)
+        ref = self._write_file(f"{ARTIFACT_DIR}/{name}-{_new_id()}.safetensors", [data])
 
         def build(base_m: Manifest):
             return {"artifacts": {**base_m.artifacts, name: ref}}, CommitResult(0)

@@ -259,11 +259,11 @@ def test_a_corrupt_byte_is_an_error_naming_the_segment(location):
         fresh.snapshot().read_kv(1, "default")
     assert err.value.paths and seg.id in err.value.paths[0]
     fresh.snapshot().read_kv(0, "default")  # the other documents are still readable
-    with pytest.raises(CorruptStoreError, match=f"{seg.id}.content.arrow"):
+    with pytest.raises(CorruptStoreError, match=f"{seg.id}.content.bin"):
         fresh.verify()
     router = seg.files["router"]
     _flip(location, router.path, router.size // 2)
-    with pytest.raises(CorruptStoreError, match=f"{seg.id}.router.arrow"):
+    with pytest.raises(CorruptStoreError, match=f"{seg.id}.router.bin"):
         open_store(location, create=False).snapshot().router_keys(tenant=ALL)
     _flip(location, seg.files["docs"].path, 100)
     with pytest.raises(CorruptStoreError, match=f"{seg.id}.docs.arrow"):
@@ -334,17 +334,17 @@ def test_segments_are_written_in_parallel_in_order_and_fail_whole(location):
     before = parallel.latest_version()
     fs = StoreFS(loc2.url, loc2.storage_options)
     files_before = {f.name for f in fs.list("segments")}
-    real, calls, lock = parallel._write_batch, [0], threading.Lock()
+    real, calls, lock = parallel._write_file, [0], threading.Lock()
 
-    def flaky(rel, batch):
+    def flaky(rel, views):
         with lock:
             calls[0] += 1
             n = calls[0]
         if n == 5:
             raise OSError("upload failed")
-        return real(rel, batch)
+        return real(rel, views)
 
-    parallel._write_batch = flaky
+    parallel._write_file = flaky
     with pytest.raises(OSError, match="upload failed"):
         parallel.insert([make_doc(i, num_tokens=12) for i in range(8, 16)])
     assert parallel.latest_version() == before and {f.name for f in fs.list("segments")} == files_before
@@ -371,14 +371,22 @@ def test_empty_store_reads_as_empty(location):
     assert open_store(location).verify().files == 0
 
 
-def test_segment_files_are_arrow_ipc(location):
-    """Stored files are Arrow IPC (segments) or JSON (manifests): nothing a reader would unpickle."""
+def test_segment_files_are_arrow_ipc_or_raw_tensor_bytes(location):
+    """Docs tables are Arrow IPC, manifests JSON, tensor files raw bytes of the documents' tensors:
+    nothing a reader would unpickle."""
     store = open_store(location)
     grant(store, 1)
-    store.insert([make_doc(0)])
-    for name, data in store_files(location).items():
+    doc = make_doc(0)
+    store.insert([doc])
+    files = store_files(location)
+    for name, data in files.items():
         if name.endswith(".arrow"):
             assert data[:6] == b"ARROW1" and data[-6:] == b"ARROW1", name
+    [content] = [d for n, d in files.items() if n.endswith(".content.bin")]
+    raw = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (doc.keys, doc.values))
+    assert content == raw + doc.text.encode()
+    [router] = [d for n, d in files.items() if n.endswith(".router.bin")]
+    assert router == b"".join(doc.router_keys[r].contiguous().view(torch.uint8).numpy().tobytes() for r in range(2))
 
 
 def test_public_docstring_examples_run():

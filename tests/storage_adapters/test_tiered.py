@@ -102,7 +102,7 @@ def test_cold_reads_on_s3_are_single_range_reads(location):
         TieredKVReader(snap, budget_bytes=1 << 20, tenant=ALL_TENANTS).get(5)
     finally:
         del fs.cat_file
-    assert len(calls) == 1 and calls[0][0].endswith(".content.arrow") and calls[0][2] - calls[0][1] == KV_BYTES
+    assert len(calls) == 1 and calls[0][0].endswith(".content.bin") and calls[0][2] - calls[0][1] == KV_BYTES
 
 
 def test_local_reads_are_zero_copy_views_of_the_segment(location):
@@ -122,3 +122,61 @@ def test_local_reads_are_zero_copy_views_of_the_segment(location):
     )
     with pytest.raises(CorruptStoreError, match="document 4"):  # ... and is never served as data
         snap.read_kv(4, "a")
+
+
+def _count_reads(monkeypatch) -> list[tuple[str, int]]:
+    """Record (file, bytes asked for) of every read the store makes through StoreFS."""
+    from msa_cluster.storage_adapters._fs import StoreFS
+
+    calls: list[tuple[str, int]] = []
+
+    def spy(name, size):
+        real = getattr(StoreFS, name)
+
+        def wrapped(self, rel, *args, **kwargs):
+            out = real(self, rel, *args, **kwargs)
+            calls.append((rel, size(out, args)))
+            return out
+
+        monkeypatch.setattr(StoreFS, name, wrapped)
+
+    spy("read", lambda out, args: len(out))
+    spy("map", lambda out, args: len(out))
+    spy("read_range", lambda out, args: len(out))
+    spy("read_into", lambda out, args: sum(out))
+    return calls
+
+
+def test_a_cold_one_layer_read_reads_only_that_layers_bytes(location, monkeypatch):
+    """A fresh handle's read_kv(layer=) reads the docs table and the two ranges K[r], V[r] of the
+    content file (2 * C * Hkv * D * 4 B), no router bytes and no other layer's, and gives that layer."""
+    _store(location)
+    calls = _count_reads(monkeypatch)
+    snap = MemoryStore.open(location.url, FP32, storage_options=location.storage_options).snapshot()
+    assert 5 in snap  # the docs tables: read once per handle, not per document
+    calls.clear()
+    k, v = snap.read_kv(5, "a", layer=3)
+    want = make_doc(5, num_tokens=DOC_TOKENS)
+    assert torch.equal(k, want.keys[1]) and torch.equal(v, want.values[1])
+    assert [(rel.rsplit(".", 2)[-2:], n) for rel, n in calls] == [(["content", "bin"], KV_BYTES // 2)]
+    with pytest.raises(ValueError, match="not a routing layer"):
+        snap.read_kv(5, "a", layer=2)
+
+
+def test_a_corrupt_byte_in_one_layer_fails_that_layer_only(location):
+    """Per-layer CRC32Cs: a flipped byte in layer 3's V fails reads of layer 3 and of the whole
+    document, naming the file, while layer 1 still reads and verifies."""
+    from msa_cluster.storage_adapters._fs import StoreFS
+
+    store = _store(location)
+    seg = store.snapshot().manifest.segments[0]
+    row = store._cache.docs(seg).rows[5]
+    fs = StoreFS(location.url, location.storage_options)
+    data = bytearray(fs.read(seg.files["content"].path))
+    data[row.content_offset + row.content_length - 1] ^= 0x40  # the last byte of V[layer 3]
+    fs.write(seg.files["content"].path, bytes(data))
+    snap = MemoryStore.open(location.url, FP32, storage_options=location.storage_options).snapshot()
+    assert torch.equal(snap.read_kv(5, "a", layer=1)[0], make_doc(5, num_tokens=DOC_TOKENS).keys[0])
+    for layer in (3, None):
+        with pytest.raises(CorruptStoreError, match=f"{seg.id}.content.bin"):
+            snap.read_kv(5, "a", layer=layer)
