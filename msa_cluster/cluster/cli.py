@@ -227,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     cfg = SweepConfig(sizes=tuple(parse_size(s) for s in args.sizes.split(",") if s.strip()), tasks=tasks,
-                      examples=args.examples, seed=args.seed, max_answer_tokens=args.max_answer_tokens)  # fmt: skip
+                      examples=args.examples, seed=args.seed, max_answer_tokens=args.max_answer_tokens,
+                      named_ids=args.named_ids)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MSAForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="in-process memory, or a local Ray memory cluster (store + coordinator + shards)")
     ev.add_argument("--shards", type=int, default=2, help="shard pairs of the Ray backend (default 2)")
     ev.add_argument("--max-answer-tokens", type=int, default=128, help="answer token limit (default 128)")
+    ev.add_argument("--named-ids", choices=["routed", "free"], default="routed",
+                    help="routed: a round names only documents it routed (default); free: any id, as the reference")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ev.add_argument("--out", help="write every score and per-example record as JSON here")
     ev.set_defaults(func=cmd_eval)

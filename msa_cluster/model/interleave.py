@@ -17,9 +17,10 @@ Finish reasons: "answered", "token_limit", "round_limit" (made to answer after m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -30,7 +31,7 @@ from msa_cluster.model.modeling import MSAForCausalLM, PrefillOutput
 from msa_cluster.model.protocol import Codec
 from msa_cluster.types import DEFAULT_TENANT, Citation
 
-__all__ = ["FINISH_REASONS", "AnswerSampling", "InterleaveConfig", "InterleaveResult", "RoundTrace", "answer_with_memory"]
+__all__ = ["FINISH_REASONS", "AnswerSampling", "InterleaveConfig", "InterleaveResult", "RoundTrace", "RoutedIds", "answer_with_memory"]
 
 AnswerHook = Callable[[list[int]], bool]
 
@@ -45,10 +46,15 @@ class InterleaveConfig:
     max_context_tokens: int = 8192
     max_round_tokens: int = 64
     max_answer_tokens: int = 256
+    # "routed": a round may name only documents its routing layers selected (the only ones whose
+    # memory the model saw in that round), so an id is never made up; "free": any id, as the reference.
+    named_ids: Literal["routed", "free"] = "routed"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if self.named_ids not in ("routed", "free"):
+            raise ValueError(f"named_ids must be 'routed' or 'free', got {self.named_ids!r}")
         for name in ("max_rounds", "max_context_tokens", "max_round_tokens", "max_answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,16 +173,20 @@ class _Interleave:
         """
         eor_ids = self.eor
         stop: Callable[[list[int]], bool] | None = None
+        processor = self.processor
         if eor:
             gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops)
             stop = lambda toks: toks[-len(eor_ids) :] == eor_ids
+            if self.cfg.named_ids == "routed":
+                routed = {str(i) for ids in pre.selected.values() for i in ids}
+                processor = RoutedIds(self.codec, routed, self.processor)
         else:
             s = self.sampling
             gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops, temperature=s.temperature,
                                        top_p=s.top_p, seed=s.seed)
             stop = self.on_answer
         first = pre.logits[0, -1] if logits is None else logits
-        toks, why = continue_generation(self.model, pre.context, first, gen_cfg, self.processor, stop=stop)
+        toks, why = continue_generation(self.model, pre.context, first, gen_cfg, processor, stop=stop)
         self.generated += len(toks)
         return toks, why == "stop"
 
@@ -251,6 +261,64 @@ def answer_with_memory(
         raise ValueError(f"question is empty: {question!r}")
     snap = memory.snapshot(tenant) if isinstance(memory, MemoryBackend) else memory
     return _Interleave(model, codec, snap, question, cfg, processor, tenant, sampling, on_answer).run()
+
+
+class RoutedIds:
+    """A logits processor for a retrieval round: once the output starts naming ids (`[`), only ids in
+    `allowed` can be written, and `<|object_ref_end|>` only after a complete `[i]`.
+
+    Only tokens made of `[`, `]` and digits can continue such an output, so each step checks those
+    few tokens (found once per codec), not the vocabulary. Output that does not start with `[`
+    (`<End-of-Retrieve>`, or an answer) is left alone. `base` (a caller's processor) runs first.
+    """
+
+    _pieces: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, codec: Codec, allowed: set[str], base: LogitsProcessor | None = None):
+        self.codec, self.allowed, self.base = codec, allowed, base
+        self.doc_end = codec.token_id(P.DOC_END)
+
+    def _id_pieces(self, vocab: int) -> dict[int, str]:
+        """Tokens whose text is made only of `[`, `]` and digits (the only ones that can write ids)."""
+        pieces = RoutedIds._pieces.get(self.codec)
+        if pieces is None:
+            specials = {self.codec.token_id(t) for t in P.SPECIAL_TOKENS if _has(self.codec, t)}
+            pieces = {}
+            for t in range(vocab):
+                piece = "" if t in specials else self.codec.decode([t])
+                if piece and set(piece) <= set("[]0123456789"):
+                    pieces[t] = piece
+            RoutedIds._pieces[self.codec] = pieces
+        return pieces
+
+    def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.base is not None:
+            logits = self.base(generated, logits)
+        text = self.codec.decode(list(generated)) if generated else ""
+        if text and not text.startswith("["):
+            return logits
+        pieces = self._id_pieces(logits.shape[-1])
+        ok = [t for t, piece in pieces.items() if (text + piece).startswith("[") and P.names_only(text + piece, self.allowed)]
+        if text:  # naming ids: nothing else may follow, and the round closes after a complete id
+            if text.endswith("]") and P.names_only(text, self.allowed):
+                ok.append(self.doc_end)
+            keep = torch.full_like(logits, float("-inf"))
+            keep[ok] = 0.0
+            return logits + keep
+        # the first token: free, except that a token starting an id must start an allowed one
+        good = set(ok)
+        bad = [t for t, piece in pieces.items() if piece.startswith("[") and t not in good]
+        out = logits.clone()
+        out[bad] = float("-inf")
+        return out
+
+
+def _has(codec: Codec, token: str) -> bool:
+    try:
+        codec.token_id(token)
+        return True
+    except KeyError:
+        return False
 
 
 def _best_scores(trace: RoundTrace) -> dict[int, float]:

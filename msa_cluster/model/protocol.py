@@ -33,7 +33,7 @@ Layout of one interleave transcript (R = routing-query tokens, others are contex
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -57,6 +57,7 @@ __all__ = [
     "extract_answer",
     "first_prompt",
     "parse_doc_ids",
+    "names_only",
     "question_block",
     "read_text",
     "retrieval_output",
@@ -163,6 +164,29 @@ def answer_output(codec: Codec, answer: str) -> list[int]:
 def parse_doc_ids(text: str) -> list[int]:
     """Ids named in a round's output (`[i]`), deduplicated and sorted, as the reference does."""
     return sorted({int(m) for m in _DOC_ID.findall(text)})
+
+
+def names_only(text: str, allowed: Collection[str]) -> bool:
+    """Whether `text` is, or can still grow into, `[i][j]...` naming distinct ids of `allowed` (decimal strings).
+
+    The grammar of a retrieval round's output before its `<|object_ref_end|>`: what the
+    routed-ids constraint of memory interleave keeps the model to.
+    """
+    pos, n, named = 0, len(text), set()
+    while pos < n:
+        if text[pos] != "[":
+            return False
+        end = text.find("]", pos + 1)
+        digits = text[pos + 1 : n if end < 0 else end]
+        if not digits.isdigit() and digits != "":
+            return False
+        if end < 0:  # an id still being written: a prefix of an allowed one not named yet
+            return any(a.startswith(digits) for a in allowed if a not in named)
+        if digits not in allowed or digits in named:
+            return False
+        named.add(digits)
+        pos = end + 1
+    return True
 
 
 def end_of_retrieve(codec: Codec) -> list[int]:

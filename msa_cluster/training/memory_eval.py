@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -127,6 +127,7 @@ class SweepConfig:
     num_docs: int = 16  # each example's own haystack
     max_rounds: int = 3
     max_answer_tokens: int = 128
+    named_ids: Literal["routed", "free"] = "routed"  # InterleaveConfig.named_ids
     encode_batch_docs: int = 4096  # background documents encoded (and added) per batch
 
     def __post_init__(self) -> None:
@@ -264,7 +265,7 @@ def run_sweep(model: MSAForCausalLM, codec: Codec, cfg: SweepConfig, memory: Eva
     # A lower bound of each example's tokens (one-digit ids), so that every example is asked over >= size tokens.
     example_tokens = min(sum(_wrapped_len(codec, 0, d.text) for d in ex.documents) for ex in examples)
     top_k = model.config.memory.top_k_docs
-    icfg = InterleaveConfig(max_rounds=cfg.max_rounds, max_answer_tokens=cfg.max_answer_tokens)
+    icfg = InterleaveConfig(max_rounds=cfg.max_rounds, max_answer_tokens=cfg.max_answer_tokens, named_ids=cfg.named_ids)
     out: list[SizeResult] = []
     for size in sorted(set(cfg.sizes)):
         t0 = time.perf_counter()

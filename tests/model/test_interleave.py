@@ -10,6 +10,7 @@ from msa_cluster.model.tokenizer import ByteTokenizer
 from tests.model.helpers import make_model
 
 TOK = ByteTokenizer()
+FREE = InterleaveConfig(named_ids="free")  # scripted ids that routing may not have selected
 TEXTS = ["alpha facts", "bravo facts", "charlie facts", "delta facts", "echo facts"]
 
 
@@ -84,9 +85,24 @@ def test_two_hop_protocol(model, memory):
 def test_other_tenant_and_unknown_ids_are_not_appended(model, memory):
     """Ids of another tenant's document (3) or of no document (99) are never appended or cited."""
     script = Script(IDS(3, 99, 1), EOR, ANS("x"))
-    res = answer_with_memory(model, TOK, memory, "q", processor=script, tenant="a")
+    res = answer_with_memory(model, TOK, memory, "q", FREE, processor=script, tenant="a")  # free: a model may name any id
     assert res.rounds[0].named == [1, 3, 99] and res.rounds[0].read == [1]
     assert [c.doc_id for c in res.citations] == [1] and "delta" not in res.transcript
+
+
+def test_routed_ids_only_lets_a_round_name_what_it_routed(model, memory):
+    """By default a round can write only ids its routing layers selected: a model pushing for 99 and 3
+    (no document, another tenant's) names routed documents instead, and closes the round after a whole id."""
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=1), processor=Script(IDS(99, 3), EOR, ANS("x")),
+                             tenant="a")  # fmt: skip
+    first = res.rounds[0]
+    routed = {d for ids in first.selected.values() for d in ids}
+    assert first.named and set(first.named) <= routed and 3 not in first.named and 99 not in first.named
+    assert first.generated.endswith("]" + P.DOC_END) and set(first.read) == set(first.named)
+    assert P.names_only("[12][3", {"12", "34"}) and not P.names_only("[12][5", {"12", "34"}) and not P.names_only("[12]x", {"12"})
+    assert not P.names_only("[12][12]", {"12", "34"}) and not P.names_only("[12][1", {"12", "34"})  # no id twice
+    with pytest.raises(ValueError, match="named_ids"):
+        InterleaveConfig(named_ids="any")  # type: ignore[arg-type]
 
 
 def test_max_rounds_is_enforced(model, memory):
@@ -125,7 +141,7 @@ def test_citations_carry_routing_scores():
     assert selected and tenant_a - selected, "the fixture must select some of tenant a's documents and not others"
     hit, miss = min(selected), min(tenant_a - selected)
     best = max(s for layer, ids in trace.selected.items() for d, s in zip(ids, trace.scores[layer]) if d == hit)
-    res = answer_with_memory(model, TOK, memory, "charlie?", processor=Script(IDS(hit, miss), EOR, ANS("y")), tenant="a")
+    res = answer_with_memory(model, TOK, memory, "charlie?", FREE, processor=Script(IDS(hit, miss), EOR, ANS("y")), tenant="a")
     cited = {c.doc_id: c.score for c in res.citations}
     assert cited[hit] == best and cited[miss] is None
 

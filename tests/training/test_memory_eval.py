@@ -74,7 +74,8 @@ def test_gold_outputs_score_one_and_an_immediate_wrong_answer_scores_zero():
     from tests.training.test_train_serve_parity import Script
 
     tok, model = ByteTokenizer(), make_model(seed=6, chunk=16, top_k=2)
-    cfg = SweepConfig(sizes=(2500,), tasks=("niah_single", "niah_multivalue", "two_hop"), examples=2, num_docs=6)
+    cfg = SweepConfig(sizes=(2500,), tasks=("niah_single", "niah_multivalue", "two_hop"), examples=2, num_docs=6,
+                      named_ids="free")  # the script names gold ids, routed or not
 
     def gold(ex, mode):
         return Script([i for turn in render(ex, tok, mode).turns for i, t in zip(turn.ids, turn.target) if t])

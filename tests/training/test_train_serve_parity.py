@@ -45,7 +45,7 @@ def test_interleave_prefills_the_rendered_turns(task):
     memory = InProcessMemory.from_documents(model, rendered.documents, texts=[d.text for d in ex.documents])
     # The gold outputs in order: each hop's ids, then <End-of-Retrieve> and (after the fed question block) the answer.
     script = Script([t for turn in rendered.turns for t in _targets(turn)])
-    res = answer_with_memory(model, TOK, memory, ex.question, InterleaveConfig(max_round_tokens=80), processor=script)
+    res = answer_with_memory(model, TOK, memory, ex.question, InterleaveConfig(max_round_tokens=80, named_ids="free"), processor=script)
     assert res.finish_reason == "answered" and res.answer == ex.answer
     assert len(res.rounds) == len(rendered.turns)
     for rnd, turn in zip(res.rounds, rendered.turns):
