@@ -326,7 +326,7 @@ class MSAGenerator:
                          "logprobs": None}],
             "usage": _usage(out),
             "msa_citations": out.citations,
-            "msa": {"finish_reason": out.msa_finish_reason, "rounds": out.rounds, "version": out.version},
+            "msa": {"finish_reason": out.msa_finish_reason, "rounds": out.rounds, "version": out.version, "timing": out.timing},
         }
 
     async def _stream(self, req: ChatRequest, tenant: str) -> StreamingResponse:
@@ -387,7 +387,7 @@ class MSAGenerator:
                         break
                     out: ChatOutcome = item
                     last = {"msa_citations": out.citations,
-                            "msa": {"finish_reason": out.msa_finish_reason, "rounds": out.rounds, "version": out.version}}
+                            "msa": {"finish_reason": out.msa_finish_reason, "rounds": out.rounds, "version": out.version, "timing": out.timing}}
                     yield chunk({}, out.finish_reason, **last)
                     if req.stream_options is not None and req.stream_options.include_usage:
                         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

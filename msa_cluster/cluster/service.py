@@ -162,6 +162,7 @@ class BoundedSnapshot:
         self.snap, self.top_k, self.max_chunks = snap, top_k, max_chunks
         self.version, self.tenant = snap.version, snap.tenant
         self.on_retrieve, self.cancelled = on_retrieve, cancelled
+        self.retrieve_s, self.kv_bytes = 0.0, 0  # this request's routing + K/V fetches, all layers and rounds
 
     def retrieve(self, layer: int, query: RoutingQuery, top_k: int) -> Retrieval:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -172,8 +173,11 @@ class BoundedSnapshot:
         if self.max_chunks is not None and chunks > self.max_chunks:
             raise ContextTooLargeError("max_chunks_per_query", self.max_chunks, chunks,
                                        f"routing layer {layer} gathered {chunks} chunks; ask for fewer documents (msa_top_k)")
+        took, nbytes = time.perf_counter() - t0, sum(k.nbytes + v.nbytes for k, v in zip(r.keys, r.values))
+        self.retrieve_s += took
+        self.kv_bytes += nbytes
         if self.on_retrieve is not None:
-            self.on_retrieve(layer, time.perf_counter() - t0, sum(k.nbytes + v.nbytes for k, v in zip(r.keys, r.values)))
+            self.on_retrieve(layer, took, nbytes)
         return r
 
     def texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
@@ -194,6 +198,7 @@ class ChatOutcome:
     completion_tokens: int
     version: int | None
     rounds: int
+    timing: dict[str, float] = field(default_factory=dict)  # where the request's time went, in seconds
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -290,10 +295,16 @@ class MemoryService:
             return stopped
 
         snap = self._snapshot(tenant, top_k, cancelled)
+        t0 = time.perf_counter()
         try:
             result = self.gen.answer(question, tenant, icfg, snapshot=snap, sampling=sampling, on_answer=on_answer)
         finally:
             snap.close()
+        total = time.perf_counter() - t0
+        # retrieve: routing + K/V fetch (the fan-out on a cluster); prefill: the rest of the prefills
+        # (attention, MLPs); decode: every generated token; other: bookkeeping between them.
+        timing = {"retrieve_s": snap.retrieve_s, "prefill_s": max(result.prefill_s - snap.retrieve_s, 0.0),
+                  "decode_s": result.decode_s, "total_s": total, "kv_bytes": float(snap.kv_bytes)}
         text, rest = view.final(result.answer)
         if rest and on_delta is not None:
             on_delta(rest)
@@ -310,7 +321,8 @@ class MemoryService:
         return ChatOutcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", text=text, finish_reason=finish,
                            msa_finish_reason="stop" if stopped else result.finish_reason,
                            citations=citations_of(result, infos), prompt_tokens=prompt_tokens,
-                           completion_tokens=result.answer_tokens, version=result.version, rounds=len(result.rounds))
+                           completion_tokens=result.answer_tokens, version=result.version, rounds=len(result.rounds),
+                           timing=timing)
 
     # ------------------------------------------------------------------ search (routing only)
     def search(self, tenant: str, req: SearchRequest) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Finish reasons: "answered", "token_limit", "round_limit" (made to answer after m
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,8 @@ class InterleaveResult:
     transcript: str  # everything after the first prompt, for inspection
     generated_tokens: int = 0  # tokens the model generated, over all rounds and the answer
     answer_tokens: int = 0  # of those, the answer's (what a client is shown)
+    prefill_s: float = 0.0  # wall time in prefills (routing and memory retrieval included), all rounds
+    decode_s: float = 0.0  # wall time decoding, all rounds and the answer
 
 
 class _Interleave:
@@ -116,6 +119,7 @@ class _Interleave:
         self.processor, self.tenant, self.question = processor, tenant, question
         self.sampling, self.on_answer = sampling or AnswerSampling(), on_answer
         self.generated = self.answered = 0
+        self.prefill_s = self.decode_s = 0.0
         self.tr = P.first_prompt(codec, question)
         head = model.config.memory.template_head_len
         if len(P.template_head(codec)) != head:
@@ -158,7 +162,9 @@ class _Interleave:
 
     def _prefill(self, rnd: int) -> tuple[PrefillOutput, RoundTrace]:
         ids, mask = torch.tensor([self.tr.ids]), torch.tensor([self.tr.routing])
+        t0 = time.perf_counter()
         pre = self.model.prefill(ids, self.snap, mask, tenant=self.tenant, last_logits_only=True, reserve=self.reserve)
+        self.prefill_s += time.perf_counter() - t0
         self.version = pre.version
         trace = RoundTrace(rnd, list(self.tr.ids), list(self.tr.routing), pre.selected, pre.scores)
         self.rounds.append(trace)
@@ -186,7 +192,9 @@ class _Interleave:
                                        top_p=s.top_p, seed=s.seed)
             stop = self.on_answer
         first = pre.logits[0, -1] if logits is None else logits
+        t0 = time.perf_counter()
         toks, why = continue_generation(self.model, pre.context, first, gen_cfg, processor, stop=stop)
+        self.decode_s += time.perf_counter() - t0
         self.generated += len(toks)
         return toks, why == "stop"
 
@@ -218,7 +226,9 @@ class _Interleave:
     def _answer(self, pre: PrefillOutput, feed: list[int], reason: str) -> InterleaveResult:
         """Feed `feed` (tokens not yet in the context) and the question block, then answer."""
         self.tr.add(self.block)
+        t0 = time.perf_counter()
         logits = self.model.decode(pre.context, torch.tensor([feed + self.block]))[0, -1]
+        self.decode_s += time.perf_counter() - t0
         toks, stopped = self._generate(pre, self.cfg.max_answer_tokens, (self.im_end,), logits=logits)
         self.answered = len(toks)
         self.tr.add(toks)
@@ -237,6 +247,8 @@ class _Interleave:
             transcript=self.codec.decode(self.tr.ids[self.prompt_len :]),
             generated_tokens=self.generated,
             answer_tokens=self.answered,
+            prefill_s=self.prefill_s,
+            decode_s=self.decode_s,
         )
 
 
