@@ -222,7 +222,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from msa_cluster.model import MSAForCausalLM
     from msa_cluster.model.tokenizer import load_codec
-    from msa_cluster.training.memory_eval import EvalMemory, SweepConfig, goal_lines, markdown_table, parse_size, run_sweep
+    from msa_cluster.training.memory_eval import (
+        EvalMemory,
+        SweepConfig,
+        SweepResult,
+        goal_lines,
+        markdown_table,
+        parse_size,
+        run_sweep,
+    )
     from msa_cluster.training.tasks import TASKS
 
     tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -235,18 +243,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     codec = load_codec(args.model)
     print(f"evaluating {args.model} on {args.backend}: sizes {args.sizes}, {len(tasks)} tasks x {args.examples} examples", flush=True)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    def save(result: SweepResult) -> None:  # after every size: a stopped sweep keeps what it finished
+        if args.out:
+            out = {"model": str(args.model), "backend": args.backend, **result.as_dict()}
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
     if args.backend == "ray":
         from msa_cluster.cluster.evaluation import RayEvalMemory
 
         with RayEvalMemory(model, num_shards=args.shards) as ray_memory:
             memory: EvalMemory = ray_memory
-            result = run_sweep(model, codec, cfg, memory, progress=say)
+            result = run_sweep(model, codec, cfg, memory, progress=say, on_size=save)
     else:
-        result = run_sweep(model, codec, cfg, progress=say)
-    out = result.as_dict()
-    out["model"], out["backend"] = str(args.model), args.backend
+        result = run_sweep(model, codec, cfg, progress=say, on_size=save)
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"results: {args.out}")
     print(markdown_table(result))
     print("\n".join(goal_lines(result)))

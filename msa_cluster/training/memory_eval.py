@@ -250,11 +250,13 @@ def remap(example: TaskExample, idmap: dict[int, int]) -> TaskExample:
 
 def run_sweep(model: MSAForCausalLM, codec: Codec, cfg: SweepConfig, memory: EvalMemory | None = None,
               progress: Callable[[str], None] | None = None,
-              processor: Callable[[TaskExample, str], LogitsProcessor] | None = None) -> SweepResult:  # fmt: skip
+              processor: Callable[[TaskExample, str], LogitsProcessor] | None = None,
+              on_size: Callable[[SweepResult], None] | None = None) -> SweepResult:  # fmt: skip
     """Answer `cfg.examples` held-out examples per task at each memory size, smallest size first.
 
     `processor(example, mode)`, for tests, gives a logits processor per question (the example
-    under its memory ids, and "interleave" or "one_round").
+    under its memory ids, and "interleave" or "one_round"). `on_size(result so far)` is called
+    after each size, so that a long sweep's finished sizes are kept if it is stopped.
     """
     say = progress or (lambda _msg: None)
     model.eval()
@@ -310,6 +312,8 @@ def run_sweep(model: MSAForCausalLM, codec: Codec, cfg: SweepConfig, memory: Eva
         out.append(SizeResult(size, min(held_tokens), background.documents + cfg.num_docs,
                               encode_s, answer_s, scores, records))  # fmt: skip
         say(f"{format_size(size)}: " + ", ".join(f"{k} {v.string_match:.2f}" for k, v in scores.items()) + f" ({answer_s:.1f} s)")
+        if on_size is not None:
+            on_size(SweepResult(config=asdict(cfg), sizes=list(out)))
     return SweepResult(config=asdict(cfg), sizes=out)
 
 

@@ -122,3 +122,18 @@ def test_example_config_is_valid():
 
     cfg = load_config(Path(__file__).parents[2] / "examples" / "train" / "msa-tiny.yaml")
     assert cfg.model.vocab_size == 1024 and cfg.model.num_layers == 6 and cfg.data.num_docs == 16
+
+
+def test_eval_writes_scores_and_names_bad_sizes(tmp_path, capsys):
+    """`msa eval` answers held-out examples over a memory of the asked size and writes every score and record."""
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "msa-tiny-random", "--sizes", "1500", "--examples", "1", "--tasks", "niah_single,two_hop",
+                 "--max-answer-tokens", "4", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| 1500 (" in printed and "niah_single string match at 1500:" in printed
+    data = json.loads(out.read_text())
+    (size,) = data["sizes"]
+    assert data["model"] == "msa-tiny-random" and size["tokens"] >= 1500 and len(size["records"]) == 3
+    assert set(size["scores"]) == {"niah_single", "two_hop", "two_hop_one_round", "all"}
+    assert main(["eval", "--sizes", "12Q"]) == 2 and "12Q" in capsys.readouterr().err
+    assert main(["eval", "--tasks", "niah_x"]) == 2 and "niah_x" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def make_service(parts, **limits):
     url = f"memory://service-{next(_n)}"
     store = MemoryStore.open(url, model.fingerprint(), create=True)
     coord, _, _ = plain_cluster(store, model, 2)
-    cfg = load_config(overrides={"store": url, "auth": {"disabled": True}, "limits": limits}, environ={})
+    cfg = load_config(overrides={"store": url, "model": MODEL, "auth": {"disabled": True}, "limits": limits}, environ={})
     return MemoryService(cfg, Generator(model, codec, ClusterMemory(coord)), coord), store
 
 
@@ -120,6 +120,15 @@ def test_chat_sampling_is_seeded_and_streaming_matches(svc):
     c = svc.chat("acme", ChatRequest(model=MODEL, messages=[{"role": "user", "content": "ferry?"}], **kw), on_delta=deltas.append)
     assert "".join(deltas) == c.text == a.text
     assert a.finish_reason in ("stop", "length") and a.prompt_tokens > 0
+
+
+def test_chat_reports_where_its_time_went(svc):
+    """timing: routing + K/V fetch, the rest of the prefills and decoding, each within the request's total."""
+    out = chat(svc, "acme", "ferry?", max_tokens=6)
+    t = out.timing
+    assert set(t) == {"retrieve_s", "prefill_s", "decode_s", "total_s", "kv_bytes"}
+    assert t["retrieve_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["kv_bytes"] > 0
+    assert t["retrieve_s"] + t["prefill_s"] + t["decode_s"] <= t["total_s"]
 
 
 def test_limits_name_themselves(parts):
