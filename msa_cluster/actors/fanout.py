@@ -26,7 +26,7 @@ from msa_cluster.actors.wire import ShardAnswer, WireQuery, assemble, to_numpy
 from msa_cluster.kernels.routing import merge_top_k
 from msa_cluster.types import Retrieval, RoutingQuery, ScoredDoc, ShardUnavailableError
 
-__all__ = ["ClusterView", "Exchange", "fan_out", "fetch_texts"]
+__all__ = ["ClusterView", "Exchange", "PlainExchange", "fan_out", "fetch_texts"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,8 @@ def fan_out(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tena
         return _two_rounds(view, layer, query, top_k, list(tenants), pins)
     if rounds != 1:
         raise ValueError(f"rounds must be 1 or 2, got {rounds}")
-    wire = WireQuery.of(query)
-    if exchange is not None:
-        answers = exchange.route(layer, wire, top_k, list(tenants), pins, view.timeout_s)
-    else:
-        q = _shared(wire, view.routers)
-        answers = gather([submit(r, "route", layer, q, top_k, list(tenants), pins) for r in view.routers], view.timeout_s)
+    exchange = exchange if exchange is not None else PlainExchange(view.routers)
+    answers = exchange.route(layer, WireQuery.of(query), top_k, list(tenants), pins, view.timeout_s)
     merged = merge_top_k(_unique([a.selected for a in answers]), top_k)
     keys, values = assemble(merged, [v for v, _ in pins], answers)
     return Retrieval(selected=merged, keys=keys, values=values)
@@ -75,6 +71,19 @@ class Exchange(Protocol):
 
     def route(self, layer: int, query: WireQuery, top_k: int, tenants: list[str], pins: list[tuple[int, int]],
               timeout_s: float) -> list[ShardAnswer]: ...
+
+
+class PlainExchange:
+    """The one round as plain calls: the query put in the object store once, `route` at every shard."""
+
+    def __init__(self, routers: Sequence[RouterHandle]):
+        self.routers = tuple(routers)
+
+    def route(self, layer: int, query: WireQuery, top_k: int, tenants: list[str], pins: list[tuple[int, int]],
+              timeout_s: float) -> list[ShardAnswer]:
+        q = _shared(query, self.routers)
+        answers: list[ShardAnswer] = gather([submit(r, "route", layer, q, top_k, tenants, pins) for r in self.routers], timeout_s)
+        return answers
 
 
 def _two_rounds(view: ClusterView, layer: int, query: RoutingQuery, top_k: int, tenants: list[str],

@@ -184,7 +184,7 @@ class RouterShard:
             if arena is None:
                 arena = self._arenas[tenant] = RouterArena(self.routing_layers, device=self.device)
                 arena.raise_floor(self._floor)
-            arena.append(mine, version=version, epoch=epoch)
+            arena.append(mine, version=version, epoch=epoch, now=time.monotonic())  # a replaced entry keeps its grace period
             self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
             self._tenant_of.update((d, tenant) for d, _ in mine)
 
