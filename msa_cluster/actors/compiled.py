@@ -20,7 +20,8 @@ Limits, and what this module does about them:
 - Every execution has a timeout. A timeout or a dead actor leaves the graph in an unknown state:
   it is torn down and the failure becomes ShardUnavailableError (retryable); the next call
   compiles again. A shard's own error (StaleShardError, SnapshotGoneError, ...) is re-raised as
-  that type and the graph stays up.
+  that type, and the graph is rebuilt too: with shards on two nodes, Ray 2.60 was seen to hang the
+  execution after one that raised (not on one node). Such errors are rare (a shard catching up).
 """
 
 from __future__ import annotations
@@ -71,21 +72,35 @@ class CompiledExchange:
     def route(
         self, layer: int, query: WireQuery, top_k: int, tenants: list[str], pins: list[tuple[int, int]], timeout_s: float
     ) -> list[ShardAnswer]:
-        import ray
-        from ray import exceptions as rex
-
         with self._lock:
             graph = self._graph if self._graph is not None else self._compile()
             if graph is None:
                 return self._plain.route(layer, query, top_k, tenants, pins, timeout_s)
             try:
-                answers: list[ShardAnswer] = ray.get(graph.execute(layer, query, top_k, tenants, pins), timeout=timeout_s)
-                return answers
-            except rex.RayTaskError as e:  # a shard's own error: the graph is fine
-                raise_cause(e)
+                answers, failed = self._results(graph.execute(layer, query, top_k, tenants, pins), timeout_s)
             except Exception as e:  # timeout, a dead actor, a broken channel: start over on the next call
                 self._teardown()
                 raise ShardUnavailableError(f"compiled routing round failed: {type(e).__name__}: {e}") from e
+            if failed is not None:  # a shard's own error, re-raised as its type; the graph is rebuilt (see above)
+                self._teardown()
+                raise_cause(failed)
+            return answers
+
+    @staticmethod
+    def _results(refs: list[Any], timeout_s: float) -> tuple[list[ShardAnswer], BaseException | None]:
+        """Every shard's answer, and the first shard's own error. Each output is read even after an
+        error: an unread output would be taken as the next execution's."""
+        import ray
+        from ray import exceptions as rex
+
+        deadline = time.monotonic() + timeout_s
+        answers, failed = [], None
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001)))
+            except rex.RayTaskError as e:
+                failed = failed or e
+        return answers, failed
 
     def _compile(self) -> Any:
         """The graph, or None (plain calls) while a failed compile waits for `RECOMPILE_AFTER_S`."""
