@@ -14,8 +14,10 @@ Variants of one B=1 routing layer:
     before      the fan-out as it was at --before (score round, then fetch round, torch payloads)
     two rounds  today's fan_out(rounds=2): numpy K/V, winners only
     one round   fan_out(): each shard answers with its local top-k and their K/V (plain calls)
-    compiled    the one round through a Ray compiled graph (CompiledExchange)
-Goal: (variant - inproc) <= 1.5 x floor.
+    compiled    the one round through a Ray compiled graph (CompiledExchange), timed in a second
+                group with in-process and floor again, while the graph is alive: its idle actors
+                poll their channels (about 0.25 core each here), which slows everything else
+Goal: (variant - inproc) <= 1.5 x floor, both from the group with no graph alive.
 
 Batching at 1M tokens: 32 concurrent B=1 queries through a batching ClusterMemory against 32
 sequential ones. Upper bound the scoring cost allows = seq32 / (4 shards x score(B=32, 1/4 of memory)
@@ -62,7 +64,7 @@ from bench_cluster import (  # noqa: E402
 )
 
 from msa_cluster.actors.calls import call  # noqa: E402
-from msa_cluster.actors.compiled import CompiledExchange, close_shared, shared_exchange  # noqa: E402
+from msa_cluster.actors.compiled import close_shared, shared_exchange  # noqa: E402
 from msa_cluster.actors.fanout import PlainExchange, fan_out  # noqa: E402
 from msa_cluster.actors.memory import ClusterMemory  # noqa: E402
 from msa_cluster.actors.wire import WireQuery  # noqa: E402
@@ -75,12 +77,18 @@ def same(a, b) -> bool:
     return a.selected == b.selected and all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
 
 
-def overhead(bench: Bench, name: str, reps: int, old_fan_out, exchange: CompiledExchange) -> dict[str, float]:
-    """One B=1 routing layer, every variant; asserts they all equal in-process first."""
+def overhead(bench: Bench, name: str, reps: int, old_fan_out) -> dict[str, float]:
+    """One B=1 routing layer, every variant; asserts they all equal in-process first.
+
+    Two interleaved groups: the plain variants with no compiled graph alive, then in-process,
+    floor and compiled while the graph is alive (an idle graph's actors poll their channels, about
+    a quarter core each here, which slows everything else on this 2-core machine).
+    """
     q = make_query(1, seed=7)
     view = call(bench.coord, "view", timeout_s=TIMEOUT_S)
     pins = [(view.version, view.epoch)]
     inproc = bench.inproc.snapshot(TENANT)
+    close_shared()  # the plain group runs with no graph alive
     variants = {
         "inproc": threads(1, lambda: inproc.retrieve(LAYER, q, TOP_K)),
         "inproc 2t": threads(2, lambda: inproc.retrieve(LAYER, q, TOP_K)),
@@ -88,20 +96,29 @@ def overhead(bench: Bench, name: str, reps: int, old_fan_out, exchange: Compiled
         "before": lambda: old_fan_out(view, LAYER, q, TOP_K, [TENANT], pins),
         "two rounds": lambda: fan_out(view, LAYER, q, TOP_K, [TENANT], pins, rounds=2),
         "one round": lambda: fan_out(view, LAYER, q, TOP_K, [TENANT], pins),
-        "compiled": lambda: fan_out(view, LAYER, q, TOP_K, [TENANT], pins, exchange=exchange),
     }
     ref = variants["inproc"]()
-    for k in ("before", "two rounds", "one round", "compiled"):
+    for k in ("before", "two rounds", "one round"):
         assert same(variants[k](), ref), f"{k} differs from in-process"
     answers = PlainExchange(view.routers).route(LAYER, WireQuery.of(q), TOP_K, [TENANT], pins, TIMEOUT_S)
     sent = sum(a.nbytes() for a in answers) / 2**20
     kept = (ref.keys[0].numel() + ref.values[0].numel()) * 2 / 2**20
     t = {k: ms(v) for k, v in run_variants(variants, reps).items()}
+    close_shared()
+    exchange = shared_exchange(view.routers)  # compiled now, kept alive for the second group
+    graph = {
+        "inproc (graph alive)": variants["inproc"],
+        "floor (graph alive)": variants["floor"],
+        "compiled": lambda: fan_out(view, LAYER, q, TOP_K, [TENANT], pins, exchange=exchange),
+    }
+    assert same(graph["compiled"](), ref), "compiled differs from in-process"
+    t.update({k: ms(v) for k, v in run_variants(graph, reps).items()})
+    close_shared()
     t["inproc best"] = min(t["inproc"], t["inproc 2t"])
     t["kv sent MiB"], t["kv kept MiB"] = sent, kept
     print(f"  {name:>5}: inproc {t['inproc']:7.2f} (2t {t['inproc 2t']:7.2f}) | floor {t['floor']:6.2f} | before {t['before']:7.2f} | "
-          f"two rounds {t['two rounds']:7.2f} | one round {t['one round']:7.2f} | compiled {t['compiled']:7.2f} ms | "
-          f"K/V sent {sent:.1f} MiB for {kept:.1f} MiB kept")  # fmt: skip
+          f"two rounds {t['two rounds']:7.2f} | one round {t['one round']:7.2f} || graph alive: inproc {t['inproc (graph alive)']:7.2f} | "
+          f"floor {t['floor (graph alive)']:6.2f} | compiled {t['compiled']:7.2f} ms | K/V sent {sent:.1f} MiB for {kept:.1f} MiB kept")  # fmt: skip
     return t
 
 
@@ -120,9 +137,18 @@ def batching(bench: Bench, name: str, reps: int, window_s: float, compiled: bool
         "batched32": lambda: concurrently(snap, qs, out),
         "shard B=32": lambda: bench.routers[0].score(LAYER, q32, TOP_K, [TENANT] * CONCURRENT, pin * CONCURRENT),
     }
+    if not compiled:  # what the 4 shard actors' scoring takes in parallel on this machine now; one B=32 fan-out each way
+        view = seq.view
+        pins = [(view.version, view.epoch)] * CONCURRENT
+        variants["score round B=32"] = lambda: ray.get(
+            [r.score.remote(LAYER, ref, TOP_K, [TENANT] * CONCURRENT, pins) for ref in [ray.put(q32)] for r in view.routers]
+        )
+        variants["fan_out B=32 1 round"] = lambda: fan_out(view, LAYER, q32, TOP_K, [TENANT] * CONCURRENT, pins)
+        variants["fan_out B=32 2 rounds"] = lambda: fan_out(view, LAYER, q32, TOP_K, [TENANT] * CONCURRENT, pins, rounds=2)
     t = {k: ms(v) for k, v in run_variants(variants, reps).items()}
     for i, q in enumerate(qs):  # batching changes no selection
         assert out[i].selected == seq.retrieve(LAYER, q, TOP_K).selected  # type: ignore[attr-defined]
+    close_shared()  # no graph alive after this test
     cores = min(4, len(os.sched_getaffinity(0)))
     t["floor"] = floor = 4 * t["shard B=32"] / cores
     t["bound"], t["speedup"] = t["seq32"] / floor, t["seq32"] / t["batched32"]
@@ -130,6 +156,11 @@ def batching(bench: Bench, name: str, reps: int, window_s: float, compiled: bool
     print(f"  {name:>5} {tag:>8}: 32 sequential {t['seq32']:8.1f} ms | 32 threads (window {window_s * 1e3:.0f} ms) {t['batched32']:8.1f} ms | "
           f"scoring floor 4 x {t['shard B=32']:.1f} / {cores} cores = {floor:.1f} ms | speed-up {t['speedup']:.2f}x of bound "
           f"{t['bound']:.2f}x = {t['speedup'] / t['bound']:.2f}")  # fmt: skip
+    if "score round B=32" in t:
+        t["bound measured"] = t["seq32"] / t["score round B=32"]
+        print(f"         the 4 shard actors' B=32 score round alone {t['score round B=32']:.1f} ms (bound measured {t['bound measured']:.2f}x: "
+              f"speed-up = {t['speedup'] / t['bound measured']:.2f} of it) | one B=32 fan_out: 1 round {t['fan_out B=32 1 round']:.1f} ms, "
+              f"2 rounds {t['fan_out B=32 2 rounds']:.1f} ms")  # fmt: skip
     return t
 
 
@@ -152,8 +183,6 @@ def main() -> None:
     res: dict[str, dict] = {"overhead": {}, "batch": {}}
     try:
         bench = Bench(tmp)
-        # The process's one graph over the shards, also used by the batching test's compiled ClusterMemory.
-        exchange = shared_exchange(call(bench.coord, "view", timeout_s=TIMEOUT_S).routers)
         print(
             f"\n[1] one B=1 routing layer, 4 shard pairs; median ms of interleaved repeats (cluster up at {time.perf_counter() - t_start:.0f} s)"
         )
@@ -161,7 +190,7 @@ def main() -> None:
             for name in sizes:
                 bench.grow(SIZES[name])
                 reps = 5 if name == "10M" else (10 if args.quick else 30)
-                res["overhead"][name] = overhead(bench, name, reps, old.fan_out, exchange)
+                res["overhead"][name] = overhead(bench, name, reps, old.fan_out)
                 if name in batch_sizes:
                     for compiled in (False, True):
                         res["batch"][(name, compiled)] = batching(
@@ -179,14 +208,22 @@ def main() -> None:
 
 
 def summary(res: dict) -> None:
-    print("\n[2] summary: extra ms per routing layer over in-process scoring, and its ratio to the floor (goal <= 1.5)")
+    print(
+        "\n[2] summary: extra ms per routing layer over in-process scoring (best of 1 and 2 threads, no graph alive), "
+        "and its ratio to the floor (goal <= 1.5)"
+    )
     for name, t in res["overhead"].items():
         cells = " | ".join(f"{k} {t[k] - t['inproc best']:+7.2f} ({(t[k] - t['inproc best']) / t['floor']:5.2f}x)"
                            for k in ("before", "two rounds", "one round", "compiled"))  # fmt: skip
         print(f"  {name:>5}: floor {t['floor']:5.2f} ms | {cells}")
     for (name, compiled), t in res["batch"].items():
+        measured = (
+            f"; of the measured score-round bound {t['bound measured']:.2f}x: {t['speedup'] / t['bound measured']:.2f}"
+            if "bound measured" in t
+            else ""
+        )
         print(f"  batching {name} {'compiled' if compiled else 'plain'}: speed-up {t['speedup']:.2f}x / bound {t['bound']:.2f}x "
-              f"= {t['speedup'] / t['bound']:.2f} of the bound (goal >= 0.8)")  # fmt: skip
+              f"= {t['speedup'] / t['bound']:.2f} of the bound (goal >= 0.8){measured}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ channels once; each execution writes the query into them and reads the answers b
 node this costs a fraction of a plain parallel call (BENCHMARKS.md, "Distributed query path").
 
 Limits, and what this module does about them:
+- An idle graph is not free: each actor's loop polls its input channel (measured here: about a
+  quarter of a core per actor, so 4 shards take a whole core of a 2-core machine). Worth it where
+  shards have cores to themselves; on a small shared machine it slows the scoring it waits for.
 - A Ray actor serves one compiled graph at a time: a second graph over the same shards hangs.
   `shared_exchange` keeps one graph per process (a graph over an older set of shards that shares
   one is closed first). Across processes nothing can tell, so `compiled=True` is for a process
