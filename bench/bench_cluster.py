@@ -150,12 +150,12 @@ def flops(rows: int, chunks: int) -> float:
 # ---------------------------------------------------------------------------------------------- machine
 
 
-def header(args) -> None:
+def header(args, name: str = "bench_cluster") -> None:
     free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.rstrip()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"bench_cluster {'--quick' if args.quick else '(full)'}  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit}")
+    print(f"{name} {'--quick' if args.quick else '(full)'}  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit}")
     print(f"machine: nproc {nproc}, {cpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), ray {ray.__version__}")
     print(free)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

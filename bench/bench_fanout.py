@@ -175,7 +175,7 @@ def main() -> None:
     sizes = (args.sizes or ("16K,128K" if args.quick else "16K,1M,10M")).split(",")
     batch_sizes = (args.batch_sizes or ("128K" if args.quick else "1M")).split(",")
     t_start = time.perf_counter()
-    header(args)
+    header(args, "bench_fanout")
     old = module_from_git(args.before, "msa_cluster/actors/fanout.py", "fanout_before")
     torch.set_num_threads(1)  # the driver runs single-threaded like the 0.25-CPU shard actors; "2t" variants use 2
     tmp = tempfile.mkdtemp(prefix="bench-fanout-")
