@@ -150,12 +150,12 @@ def flops(rows: int, chunks: int) -> float:
 # ---------------------------------------------------------------------------------------------- machine
 
 
-def header(args) -> None:
+def header(args, name: str = "bench_cluster") -> None:
     free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.rstrip()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"bench_cluster {'--quick' if args.quick else '(full)'}  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit}")
+    print(f"{name} {'--quick' if args.quick else '(full)'}  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit}")
     print(f"machine: nproc {nproc}, {cpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), ray {ray.__version__}")
     print(free)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -252,6 +252,21 @@ def fanout_overhead(bench: Bench, name: str, reps: int) -> dict[str, float]:
     return t
 
 
+def concurrently(snap, qs: list[RoutingQuery], out: dict[int, Retrieval]) -> None:
+    """out[i] = snap.retrieve(qs[i]) from one thread per query, all released together."""
+    barrier = threading.Barrier(len(qs))
+
+    def one(i):
+        barrier.wait()
+        out[i] = snap.retrieve(LAYER, qs[i], TOP_K)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(len(qs))]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+
+
 def batching(bench: Bench, name: str, reps: int, window_s: float) -> dict[str, float]:
     """32 queries: 32 sequential B=1 calls vs 32 threads through a batching ClusterMemory vs one B=32 fan_out."""
     qs = [make_query(1, seed=100 + i) for i in range(CONCURRENT)]
@@ -261,23 +276,9 @@ def batching(bench: Bench, name: str, reps: int, window_s: float) -> dict[str, f
     snap = mem.snapshot(TENANT)
     rows_per_fanout = mem.batcher.recent_sizes  # requests served by each batched fan-out
     out: dict[int, Retrieval] = {}
-
-    def concurrent():
-        barrier = threading.Barrier(CONCURRENT)
-
-        def one(i):
-            barrier.wait()
-            out[i] = snap.retrieve(LAYER, qs[i], TOP_K)
-
-        ts = [threading.Thread(target=one, args=(i,)) for i in range(CONCURRENT)]
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-
     variants = {
         "seq32": lambda: [seq.retrieve(LAYER, q, TOP_K) for q in qs],
-        "batched32": concurrent,
+        "batched32": lambda: concurrently(snap, qs, out),
         "fanout_B32": lambda: fan_out(seq.view, LAYER, q32, TOP_K, [TENANT] * CONCURRENT),
         # the scoring alone, on one plain shard (a quarter of memory), 1 thread: does a row get cheaper in a batch?
         "shard B=1": lambda: bench.routers[0].score(LAYER, qs[0], TOP_K, [TENANT], [(bench.plain.version, bench.plain.epoch)]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NoReturn, Union
 
 from msa_cluster.types import ShardUnavailableError
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from msa_cluster.actors.kv_shard import KVShard
     from msa_cluster.actors.router_shard import RouterShard
 
-__all__ = ["Pending", "submit", "gather", "call", "is_actor", "RouterHandle", "KVHandle", "CoordinatorHandle"]
+__all__ = ["Pending", "submit", "gather", "call", "is_actor", "raise_cause", "RouterHandle", "KVHandle", "CoordinatorHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def gather(pending: Sequence[Pending], timeout_s: float) -> list[Any]:
             names = sorted({p.method for p in pending})
             raise ShardUnavailableError(f"no answer to {names} within {timeout_s:.1f}s") from e
         except rex.RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, _unavailable_errors()):
-                raise ShardUnavailableError(f"a shard failed: {type(cause).__name__}: {cause}") from None
-            raise cause from None
+            raise_cause(e)
         except _unavailable_errors() as e:
             _cancel(refs)
             raise ShardUnavailableError(f"a shard is unavailable: {type(e).__name__}: {e}") from e
@@ -93,6 +90,15 @@ def gather(pending: Sequence[Pending], timeout_s: float) -> list[Any]:
         if p.error is not None:
             raise p.error
     return [p.value for p in pending]
+
+
+def raise_cause(error: BaseException) -> NoReturn:
+    """Re-raise a failed remote call's own error (a ValueError, MemoryFullError, ...) as that type;
+    Ray's failures that mean "cannot answer now" become ShardUnavailableError."""
+    cause = error.cause if getattr(error, "cause", None) is not None else error  # type: ignore[attr-defined]
+    if isinstance(cause, _unavailable_errors()):
+        raise ShardUnavailableError(f"a shard failed: {type(cause).__name__}: {cause}") from None
+    raise cause from None
 
 
 def _cancel(refs: Sequence[Any]) -> None:

@@ -64,18 +64,21 @@ class KVShard:
 
     def fetch(self, layer: int, doc_ids: Sequence[int], version: int, tenant: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """K, V [sum C, Hkv, D] of `tenant`'s `doc_ids` at `layer`, in the given order, and C per doc."""
+        pieces = self.read(layer, doc_ids, version, tenant)
+        if not pieces:
+            return torch.empty(0), torch.empty(0), []
+        return torch.cat([k for k, _ in pieces]), torch.cat([v for _, v in pieces]), [int(k.shape[0]) for k, _ in pieces]
+
+    def read(self, layer: int, doc_ids: Sequence[int], version: int, tenant: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) [C, Hkv, D] of each of `tenant`'s `doc_ids` at `layer`: views of the tier's tensors, no copy."""
         snap = self._snapshot(version)
         r = routing_row(snap.fingerprint.routing_layers, layer)
-        ks, vs, counts = [], [], []
+        out = []
         for doc_id in doc_ids:
             snap.info(int(doc_id), tenant=tenant)  # UnknownDocumentError unless it is the tenant's
             k, v = self._kv(int(doc_id), snap)
-            ks.append(k[r])
-            vs.append(v[r])
-            counts.append(int(k.shape[1]))
-        if not ks:
-            return torch.empty(0), torch.empty(0), []
-        return torch.cat(ks), torch.cat(vs), counts
+            out.append((k[r], v[r]))
+        return out
 
     def _kv(self, doc_id: int, snap: StoreSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
         """From the hot tier when it holds this version's content of the document, else from `snap`."""

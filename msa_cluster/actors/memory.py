@@ -4,6 +4,9 @@ A request takes one `ClusterView` from the coordinator (the version and placemen
 cluster serves, and the shard handles) and uses it for every layer and interleave round.
 Transient failures (a shard restarting or catching up) are retried with the package's backoff
 policy; concurrent requests in this process share fan-outs through a `LayerBatcher`.
+A routing layer is one round to the router shards: by plain actor calls, or (`compiled=True`)
+through a Ray compiled graph, which is faster but holds the shards for this process: only for
+a cluster's one routing client (see `actors.compiled`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from msa_cluster.actors.batching import LayerBatcher, Row
-from msa_cluster.actors.calls import CoordinatorHandle, call
+from msa_cluster.actors.calls import CoordinatorHandle, call, is_actor
+from msa_cluster.actors.compiled import CompiledExchange, shared_exchange
 from msa_cluster.actors.fanout import ClusterView, fan_out, fetch_texts
 from msa_cluster.retry import Backoff, retry
 from msa_cluster.types import DEFAULT_TENANT, Retrieval, RoutingQuery, ShardUnavailableError, check_tenant
@@ -28,9 +32,13 @@ class ClusterMemory:
     """
 
     def __init__(self, coordinator: CoordinatorHandle, *, timeout_s: float = 30.0, batch_window_s: float = 0.0,
-                 max_batch: int = 64, retries: int = 2, retry_delay_s: float = 0.5):
+                 max_batch: int = 64, retries: int = 2, retry_delay_s: float = 0.5, compiled: bool = False,
+                 rounds: int = 1):
+        if rounds not in (1, 2):
+            raise ValueError(f"rounds must be 1 or 2, got {rounds}")
         self.coordinator = coordinator
         self.timeout_s = timeout_s
+        self.compiled, self.rounds = compiled, rounds
         self.policy = Backoff(attempts=retries + 1, initial_s=retry_delay_s, max_s=5.0)
         # A follower waits as long as its leader can take: every attempt's timeout plus the waits between.
         self.batcher = LayerBatcher(window_s=batch_window_s, max_batch=max_batch,
@@ -58,11 +66,17 @@ class ClusterMemory:
         """One request's rows at one layer; batched with concurrent requests when a window is set."""
 
         def run(q: RoutingQuery, tenants: Sequence[str], pins: Sequence[tuple[int, int]]) -> Retrieval:
-            return retry(lambda: fan_out(view, layer, q, top_k, tenants, pins), retry_on=(ShardUnavailableError,),
-                         policy=self.policy)
+            return retry(lambda: fan_out(view, layer, q, top_k, tenants, pins, rounds=self.rounds, exchange=self._exchange_for(view)),
+                         retry_on=(ShardUnavailableError,), policy=self.policy)
 
         # Rows of one batch are served by the leader's shards: only views of one placement epoch may share it.
         return self.batcher.submit((layer, top_k, view.epoch), Row(query, tenant, (view.version, view.epoch)), run)
+
+    def _exchange_for(self, view: ClusterView) -> CompiledExchange | None:
+        """The process's compiled graph over this view's router shards; None: plain calls."""
+        if not self.compiled or self.rounds != 1 or not all(is_actor(r) for r in view.routers):
+            return None
+        return shared_exchange(view.routers)
 
 
 class ClusterSnapshot:

@@ -131,11 +131,11 @@ class CoordinatorActor(Coordinator):
 class RouterShardActor(RouterShard):
     def __init__(self, *, shard_id: int, coordinator: str, store_url: str, fingerprint: ModelFingerprint,
                  storage_options: dict[str, Any] | None = None, capacity_bytes: int | None = None, grace_s: float = 300.0,
-                 timeout_s: float = 30.0, namespace: str | None = None):
+                 timeout_s: float = 30.0, namespace: str | None = None, kv_budget_bytes: int = 1 << 30):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(shard_id=shard_id, routing_layers=fingerprint.routing_layers,
                          store=_open(store_url, fingerprint, storage_options), capacity_bytes=capacity_bytes,
-                         device=device, grace_s=grace_s)
+                         device=device, grace_s=grace_s, kv_budget_bytes=kv_budget_bytes)
         _load_assignment(self, coordinator, shard_id, timeout_s, namespace)
 
     def stats(self) -> dict[str, Any]:

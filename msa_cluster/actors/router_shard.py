@@ -12,6 +12,10 @@ The coordinator drives a shard with one idempotent call, `converge(version, epoc
 its own state and the store (behind, ahead, with a gap, or empty after a restart all converge
 the same way), so no state of the coordinator or the shard can wedge the cluster.
 
+One round per routing layer: `route` scores and returns the K/V of the shard's local top-k with
+the scores, read through a `KVShard` in the same process (the pair's content, reached without
+a second call). The K/V is that of the version each row pinned.
+
 The router tier never evicts: past `capacity_bytes` a change is refused whole (MemoryFullError)
 and the shard keeps serving what it held. Removed entries count against capacity until their
 grace period ends, because pinned requests may still read them.
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 
+from msa_cluster.actors.kv_shard import KVShard
+from msa_cluster.actors.wire import ShardAnswer, WireQuery, to_numpy
 from msa_cluster.kernels.arena import Pin, RouterArena
 from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreSnapshot
 from msa_cluster.types import MemoryFullError, RoutingQuery, ScoredDoc, SnapshotGoneError, StaleShardError
@@ -54,10 +60,14 @@ class RouterShard:
         >>> shard = RouterShard(shard_id=0, routing_layers=(2, 3), store=store)       # doctest: +SKIP
         >>> shard.converge(version=4, epoch=1, doc_ids=[7, 9])                         # doctest: +SKIP
         >>> shard.score(2, query, top_k=16, tenants=["acme"], pins=[(4, 1)])           # doctest: +SKIP
+        >>> shard.route(2, WireQuery.of(query), 16, ["acme"], [(4, 1)]).kv             # doctest: +SKIP
+
+    kv_budget_bytes: RAM of the K/V tier that `route` reads through (filled on demand, LRU).
     """
 
     def __init__(self, *, shard_id: int, routing_layers: Sequence[int], store: MemoryStore | None = None,
-                 capacity_bytes: int | None = None, device: str | torch.device = "cpu", grace_s: float = 300.0):
+                 capacity_bytes: int | None = None, device: str | torch.device = "cpu", grace_s: float = 300.0,
+                 kv_budget_bytes: int = 1 << 30):
         if capacity_bytes is not None and capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0 or None, got {capacity_bytes}")
         if grace_s < 0:
@@ -75,6 +85,8 @@ class RouterShard:
         self._floor = Pin(0, 0)  # requests pinned below were served before a reload: SnapshotGoneError
         self._chunk_bytes = 0
         self._lock = threading.RLock()
+        # The pair's K/V in this process, so that one call answers with scores and K/V.
+        self.kv = None if store is None else KVShard(shard_id=shard_id, store=store, budget_bytes=kv_budget_bytes)
 
     # ------------------------------------------------------------------ the coordinator's one call
     def converge(self, version: int, epoch: int, doc_ids: Sequence[int]) -> ShardState:
@@ -91,6 +103,8 @@ class RouterShard:
             if (version, epoch) == (self.version, self.epoch) and target == set(self._tenant_of):
                 return self.state()
             snap = self.store.snapshot(version)
+            if self.kv is not None:  # its hot tier follows (reads name their version, so this only frees RAM)
+                self.kv.converge(version, epoch)
             if self.version < 0 or version < self.version or epoch < self.epoch:
                 self._reload(snap, epoch, target)
             else:
@@ -170,7 +184,7 @@ class RouterShard:
             if arena is None:
                 arena = self._arenas[tenant] = RouterArena(self.routing_layers, device=self.device)
                 arena.raise_floor(self._floor)
-            arena.append(mine, version=version, epoch=epoch)
+            arena.append(mine, version=version, epoch=epoch, now=time.monotonic())  # a replaced entry keeps its grace period
             self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
             self._tenant_of.update((d, tenant) for d, _ in mine)
 
@@ -241,6 +255,25 @@ class RouterShard:
                 for b, picked in zip(rows, arena.score(layer, sub, top_k, [Pin(*pins[b]) for b in rows])):
                     out[b] = picked
         return out
+
+    def route(self, layer: int, query: WireQuery, top_k: int, tenants: Sequence[str],
+              pins: Sequence[tuple[int, int]]) -> ShardAnswer:
+        """`score`, plus the K/V [C, Hkv, D] at `layer` of every local winner, at the version its row pinned.
+
+        The one call of a routing layer: no second round to a KV shard. Errors are score's, and the
+        K/V read's (SnapshotGoneError when the pinned version can no longer be read).
+        """
+        if self.kv is None:
+            raise RuntimeError(f"router shard {self.shard_id} has no store to read K/V from; use score()")
+        selected = self.score(layer, query.query(), top_k, tenants, pins)
+        wanted: dict[tuple[int, str], dict[int, None]] = {}  # (version, tenant) -> doc ids, in order, once
+        for row, (version, _), tenant in zip(selected, pins, tenants):
+            wanted.setdefault((version, tenant), {}).update(dict.fromkeys(d.doc_id for d in row))
+        kv: dict[tuple[int, int], Any] = {}
+        for (version, tenant), ids in wanted.items():
+            for doc_id, (k, v) in zip(ids, self.kv.read(layer, list(ids), version, tenant)):
+                kv[(doc_id, version)] = (to_numpy(k), to_numpy(v))
+        return ShardAnswer(selected, kv, self.kv.store.fingerprint.dtype)
 
     def _check(self, pin: Pin) -> None:
         if pin.version > self.version or pin.epoch > self.epoch:

@@ -143,7 +143,8 @@ class MemoryCluster:
             router = RouterShardActor.options(  # type: ignore[attr-defined]
                 name=rname, num_gpus=1 if use_gpus else 0, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), **common,
-            ).remote(shard_id=s, capacity_bytes=spec.router_capacity_bytes, grace_s=spec.grace_s, **where)
+            ).remote(shard_id=s, capacity_bytes=spec.router_capacity_bytes, grace_s=spec.grace_s,
+                     kv_budget_bytes=spec.kv_budget_bytes, **where)
             kv = KVShardActor.options(  # type: ignore[attr-defined]
                 name=kname, resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1), **common,
