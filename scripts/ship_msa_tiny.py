@@ -40,11 +40,12 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path, help="a checkpoint directory written by msa train")
     ap.add_argument("--config", type=Path, required=True, help="the YAML config the run used")
     ap.add_argument("--name", default="msa-tiny")
+    ap.add_argument("--metrics", type=Path, help="the run's metrics.jsonl (default: beside the checkpoint directory)")
     ap.add_argument("--device-note", default="", help="what else ran on the machine during the run")
     args = ap.parse_args()
     state = json.loads((args.checkpoint / "trainer_state.json").read_text())
     step = int(state["step"])
-    metrics = [json.loads(line) for line in (args.checkpoint.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (args.metrics or args.checkpoint.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [m for m in metrics if m.get("step", 0) <= step]
     out = ASSETS / args.name
     if out.exists():
