@@ -25,6 +25,11 @@ Limits, and what this module does about them:
   compiles again. A shard's own error (StaleShardError, SnapshotGoneError, ...) is re-raised as
   that type, and the graph is rebuilt too: with shards on two nodes, Ray 2.60 was seen to hang the
   execution after one that raised (not on one node). Such errors are rare (a shard catching up).
+- A graph is compiled only when every shard runs on this process's node. Across nodes Ray 2.60
+  moves channel data through the raylets, and tearing such a graph down (after an error, or at
+  close) was seen to abort the head node's raylet ("Check failed: ... WriteAcquire ... Channel
+  closed" in experimental_mutable_object_provider.cc), which kills every driver and worker of that
+  node. A view whose shards span nodes therefore uses plain calls, with one warning.
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ BUFFER_BYTES = (
 )  # first size of each channel: a B=1 answer at MSA-4B shape (16 docs x 2 x 64 KiB) fits; larger ones grow it
 
 
+NODE_QUERY_TIMEOUT_S = 30.0  # asking each shard for its node, once per exchange
+
+
+def _node_id(actor: Any) -> str:
+    """Run inside a shard by `__ray_call__`: the node it runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class CompiledExchange:
     """`Exchange` for `fan_out`: `RouterShard.route` at every shard of `routers`, as one compiled graph.
 
@@ -70,6 +85,7 @@ class CompiledExchange:
         self._plain = PlainExchange(self.routers)
         self._compile_after = 0.0  # monotonic time before which a failed compile is not tried again
         self._closed = False  # closed for good: plain calls (another graph may hold the shards now)
+        self.spans_nodes: bool | None = None  # whether a shard runs off this node (then plain calls); None: not asked yet
         self.compiles = 0  # graphs compiled so far (a recompile follows every failure)
 
     def route(
@@ -109,7 +125,7 @@ class CompiledExchange:
         """The graph, or None (plain calls) while a failed compile waits for `RECOMPILE_AFTER_S`."""
         from ray.dag import InputNode, MultiOutputNode
 
-        if self._closed or time.monotonic() < self._compile_after:
+        if self._closed or time.monotonic() < self._compile_after or not self._on_this_node():
             return None
 
         with InputNode() as inp:
@@ -123,6 +139,23 @@ class CompiledExchange:
             return None
         self.compiles += 1
         return self._graph
+
+    def _on_this_node(self) -> bool:
+        """Whether every shard runs on this process's node (asked once; see the module docstring)."""
+        import ray
+
+        if self.spans_nodes is None:
+            try:
+                nodes = ray.get([r.__ray_call__.remote(_node_id) for r in self.routers], timeout=NODE_QUERY_TIMEOUT_S)
+            except Exception as e:  # a shard gone or busy: like a failed compile, plain calls for a while
+                log.warning("routing graph not compiled: shard nodes unknown (%s: %s)", type(e).__name__, e)
+                self._compile_after = time.monotonic() + RECOMPILE_AFTER_S
+                return False
+            here = ray.get_runtime_context().get_node_id()
+            self.spans_nodes = any(n != here for n in nodes)
+            if self.spans_nodes:
+                log.warning("routing shards span %d nodes: plain calls, not a compiled graph (one node only)", len({here, *nodes}))
+        return not self.spans_nodes
 
     def _teardown(self) -> None:
         graph, self._graph = self._graph, None

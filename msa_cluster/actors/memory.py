@@ -6,7 +6,8 @@ Transient failures (a shard restarting or catching up) are retried with the pack
 policy; concurrent requests in this process share fan-outs through a `LayerBatcher`.
 A routing layer is one round to the router shards: by plain actor calls, or (`compiled=True`)
 through a Ray compiled graph, which is faster but holds the shards for this process: only for
-a cluster's one routing client (see `actors.compiled`).
+a cluster's one routing client, and only while every shard runs on this process's node (see
+`actors.compiled`; a view across nodes goes by plain calls).
 """
 
 from __future__ import annotations
