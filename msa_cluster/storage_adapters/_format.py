@@ -59,7 +59,7 @@ __all__ = [
     "segment_file_name",
     "decode_docs",
     "decode_content_range",
-    "decode_layer",
+    "decode_kv",
     "decode_text_range",
     "doc_checksums",
     "metadata_json",
@@ -302,19 +302,22 @@ def encode_segment(
     """Encode documents (already checked with `layout.check`) into one format-3 segment's three files.
 
     write_file(kind, buffers) stores the raw file of `kind` ("content", then "router") as the
-    concatenation of `buffers` (views of the documents' tensors: nothing is assembled here);
-    write_table("docs", batch) then stores the docs table as a one-batch Arrow IPC file.
+    concatenation of `buffers` (views of the documents' tensors: nothing is assembled here); it
+    may return before the file is written (the caller then waits for it), so the documents'
+    checksums are computed while the bytes go out. write_table("docs", batch) then stores the
+    docs table as a one-batch Arrow IPC file.
     checksums: each document's `doc_checksums` where already computed (others are computed here;
     ones of another format are ignored).
     """
     if not docs:
         raise ValueError("a segment needs at least one document")
-    known = list(checksums) if checksums is not None else [None] * len(docs)
-    sums = [c if c is not None and c.format == FORMAT_VERSION else doc_checksums(d) for d, c in zip(docs, known)]
     texts = [d.text.encode("utf-8") if d.text is not None else None for d in docs]
     views, kv_offsets, text_offsets = _content_views(docs, texts)
     write_file("content", views)
     write_file("router", _router_views(docs, layout))
+    # after starting the writes: the checksums are computed while the files go to storage
+    known = list(checksums) if checksums is not None else [None] * len(docs)
+    sums = [c if c is not None and c.format == FORMAT_VERSION else doc_checksums(d) for d, c in zip(docs, known)]
     crc = crc_of(FORMAT_VERSION)
     rows = []
     for i, d in enumerate(docs):
@@ -515,15 +518,19 @@ def layer_ranges(row: DocRow, r: int, layout: TensorLayout) -> tuple[int, int, i
     return row.content_offset + r * n, row.content_offset + (len(layout.routing_layers) + r) * n, n
 
 
-def decode_layer(row: DocRow, r: int, kv: torch.Tensor, got: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the layer-r K, V read into `kv` [2, C, Hkv, D] (`got`: bytes read of each) of a
-    format-3 row; returns (K, V) [C, Hkv, D]."""
-    n = kv[0].numel() * kv.element_size()
-    if any(g != n for g in got):
+def decode_kv(
+    row: DocRow, layer_rows: Sequence[int], kv: torch.Tensor, got: Sequence[int], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the K, V of layer rows `layer_rows` of a format-3 row, read into `kv`
+    [2, len(layer_rows), C, Hkv, D] (`got`: bytes read of each range); returns (K, V), each
+    [len(layer_rows), C, Hkv, D], views of `kv`. CorruptStoreError naming the file on a short
+    read or a checksum mismatch."""
+    if sum(got) != kv.numel() * kv.element_size():
         raise _truncated(row, name)
     crc = crc_of(row.format)
-    if crc(_u8np(kv[1]), crc(_u8np(kv[0]))) != row.layer_crc(r):
-        raise _kv_checksum_fails(row, name)
+    for j, r in enumerate(layer_rows):
+        if crc(_u8np(kv[1, j]), crc(_u8np(kv[0, j]))) != row.layer_crc(r):
+            raise _kv_checksum_fails(row, name)
     return kv[0], kv[1]
 
 
