@@ -205,9 +205,6 @@ class DocRow:
     def checksums(self) -> Checksums:
         return Checksums(self.content_crc, self.router_crc, self.layer_crcs, self.format)
 
-    def layer_crc(self, r: int) -> int:
-        return int.from_bytes(self.layer_crcs[4 * r : 4 * r + 4], "little")
-
     @property
     def metadata_dict(self) -> dict[str, str]:
         return json.loads(self.metadata)
@@ -240,15 +237,25 @@ def _u8np(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
+def _layer_bytes(t: torch.Tensor) -> np.ndarray:
+    """[R, ...] tensor -> [R, L] uint8 numpy view: row r is layer r's bytes (numpy rows are far
+    cheaper to slice than torch views, which matters at two checksum calls per layer)."""
+    return _u8np(t).reshape(t.shape[0], -1)
+
+
+def layer_checksums(k: np.ndarray, v: np.ndarray, fmt: int) -> bytes:
+    """Format 3's per-layer checksums of K, V given as [R, L] bytes: R little-endian uint32s."""
+    crc = crc_of(fmt)
+    return np.array([crc(v[r], crc(k[r])) for r in range(k.shape[0])], dtype="<u4").tobytes()
+
+
 def doc_checksums(doc: EncodedDocument, fmt: int = FORMAT_VERSION) -> Checksums:
     """The checksums `doc` has when stored in a segment of format `fmt`."""
     crc = crc_of(fmt)
-    router = chained(crc, (_u8np(doc.router_keys[r]) for r in range(doc.router_keys.shape[0])))
+    router = chained(crc, _layer_bytes(doc.router_keys))
     if fmt < 3:
         return Checksums(crc(_u8np(doc.values), crc(_u8np(doc.keys))), router, b"", fmt)
-    layers = np.array(
-        [crc(_u8np(doc.values[r]), crc(_u8np(doc.keys[r]))) for r in range(doc.keys.shape[0])], dtype="<u4"
-    ).tobytes()
+    layers = layer_checksums(_layer_bytes(doc.keys), _layer_bytes(doc.values), fmt)
     return Checksums(crc(layers), router, layers, fmt)
 
 
@@ -500,7 +507,7 @@ def decode_content_range(row: DocRow, buf: Any, offset: int, layout: TensorLayou
     v = _frombuffer(buf, layout.dtype, offset + count * layout.itemsize, count).view(shape)
     crc = crc_of(row.format)
     if row.format >= 3:
-        ok = all(crc(_u8np(v[r]), crc(_u8np(k[r]))) == row.layer_crc(r) for r in range(shape[0]))
+        ok = layer_checksums(_layer_bytes(k), _layer_bytes(v), row.format) == row.layer_crcs
     else:
         view = memoryview(buf)[offset : offset + row.content_length]
         try:
@@ -527,10 +534,10 @@ def decode_kv(
     read or a checksum mismatch."""
     if sum(got) != kv.numel() * kv.element_size():
         raise _truncated(row, name)
-    crc = crc_of(row.format)
-    for j, r in enumerate(layer_rows):
-        if crc(_u8np(kv[1, j]), crc(_u8np(kv[0, j]))) != row.layer_crc(r):
-            raise _kv_checksum_fails(row, name)
+    u8 = kv.view(torch.uint8).numpy().reshape(2, len(layer_rows), -1)  # [2, R', L]
+    want = b"".join(row.layer_crcs[4 * r : 4 * r + 4] for r in layer_rows)
+    if layer_checksums(u8[0], u8[1], row.format) != want:
+        raise _kv_checksum_fails(row, name)
     return kv[0], kv[1]
 
 

@@ -486,9 +486,10 @@ class StoreSnapshot:
         )
 
     def _read_router3(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
-        """Read the router keys of `docs` ((row, first chunk in keys), rows ascending) of a format-3
-        segment straight into `keys` [R, C, Hkv, D]: per layer one read of each run of adjacent
-        documents, each document's checksum chained over its layers as they arrive."""
+        """Read the router keys of `docs` ((row, first chunk in keys)) of a format-3 segment straight
+        into `keys` [R, C, Hkv, D]: per layer one read of each run of adjacent documents, in file
+        order through one open file (so the kernel's readahead sees one sequential scan), then
+        each document's checksum chained over its layers."""
         sdocs, lay = self._docs(seg), self._layout
         ref = seg.files["router"]
         name = self._fs.display(ref.path)
@@ -498,15 +499,15 @@ class StoreSnapshot:
                                     f"{stride * len(lay.routing_layers)}", (name,))  # fmt: skip
         spans = [(int(sdocs.chunk_offsets[i]), dst, sdocs.rows[i].num_chunks) for i, dst in docs]
         runs = _coalesce(spans)
+        dst = [_bytes_view(keys[r]) for r in range(len(lay.routing_layers))]  # R x [C, chunk bytes]
+        ranges = [(r * stride + a * cb, dst[r][b : b + n]) for r in range(len(dst)) for a, b, n in runs]
+        if sum(self._fs.read_into(ref.path, ranges)) != sum(n for _, _, n in runs) * cb * len(dst):
+            raise CorruptStoreError(f"segment file {name} is truncated: it ends inside its router keys", (name,))
         crc = crc_of(sdocs.format)
         crcs = [0] * len(spans)
-        for r in range(len(lay.routing_layers)):
-            dst = _bytes_view(keys[r])  # [C, chunk bytes]
-            got = self._fs.read_into(ref.path, [(r * stride + a * cb, dst[b : b + n]) for a, b, n in runs])
-            if sum(got) != sum(n for _, _, n in runs) * cb:
-                raise CorruptStoreError(f"segment file {name} is truncated: layer {lay.routing_layers[r]} is short", (name,))
-            for j, (_, b, n) in enumerate(spans):  # just read: checksummed from the CPU cache
-                crcs[j] = crc(dst[b : b + n], crcs[j])
+        for layer in dst:
+            for j, (_, b, n) in enumerate(spans):
+                crcs[j] = crc(layer[b : b + n], crcs[j])
         for (i, _), value in zip(docs, crcs):
             if value != sdocs.rows[i].router_crc:
                 raise CorruptStoreError(

@@ -360,27 +360,29 @@ class MemoryStore:
     ) -> tuple[SegmentRef, list[DocRow]]:
         """Write one segment of `docs`; removes what it wrote if it fails.
 
-        The two tensor files are written (and read back) by two threads while this one computes
-        the documents' checksums and then the files' CRC32Cs from the same buffers: on a fast
-        disk the checksums cost CPU time that the writes leave idle, not wall time.
+        The three files are written (and read back) by three threads while this one computes
+        the documents' checksums and then the tensor files' CRC32Cs from the same buffers: the
+        checksums take CPU time that the writes (mostly waiting for fsync) leave idle.
         """
         files: dict[str, FileRef] = {}
         pending: dict[str, tuple[str, list[Any], Future]] = {}
         path = {kind: f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}" for kind in SEGMENT_KINDS}
-        pool = ThreadPoolExecutor(2, thread_name_prefix="msa-put")
+        pool = ThreadPoolExecutor(len(SEGMENT_KINDS), thread_name_prefix="msa-put")
+        table: list[Future] = []
 
         def write_file(kind: str, views: list[Any]) -> None:
             pending[kind] = (path[kind], views, pool.submit(self._put, path[kind], views))
 
         def write_table(kind: str, batch: Any) -> None:
-            files[kind] = self._write_batch(path[kind], batch)
+            table.append(pool.submit(self._write_batch, path[kind], batch))
 
         try:
             rows = encode_segment(seg_id, docs, self.layout, write_file, write_table, crcs)
             for kind, (rel, views, put) in pending.items():
                 files[kind] = self._file_ref(rel, views, put.result)
+            files["docs"] = table[0].result()
         except BaseException:
-            wait([put for _, _, put in pending.values()])  # no write may land after the clean-up
+            wait([put for _, _, put in pending.values()] + table)  # no write may land after the clean-up
             for rel in path.values():
                 self._fs.delete(rel)
             raise
