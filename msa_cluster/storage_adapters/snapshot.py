@@ -372,7 +372,7 @@ class StoreSnapshot:
         name = self._fs.display(ref.path)
         rows = range(len(self._layout.routing_layers)) if layer is None else [self._layout.layer_row(layer)]
         if row.format >= 3:
-            k, v = self._guard(self._read_kv3, ref, row, rows, name)
+            k, v = self._guard(self._read_kv_raw, ref, row, rows, name)
             return (k, v) if layer is None else (k[0], v[0])
         buf, offset = self._guard(self._cache.range, ref, row.content_offset, row.content_length)
         k, v = decode_content_range(row, buf, offset, self._layout, name)
@@ -380,7 +380,7 @@ class StoreSnapshot:
             return k[rows[0]].clone(), v[rows[0]].clone()
         return (k.clone(), v.clone()) if isinstance(buf, mmap.mmap) else (k, v)
 
-    def _read_kv3(self, ref: FileRef, row: DocRow, rows: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_kv_raw(self, ref: FileRef, row: DocRow, rows: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [len(rows), C, Hkv, D] of layer rows `rows` (all, or one) of a format-3 document."""
         lay = self._layout
         kv = torch.empty(2, len(rows), row.num_chunks, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
@@ -457,7 +457,9 @@ class StoreSnapshot:
 
     # ------------------------------------------------------------------ router keys
     def router_keys(self, doc_ids: Iterable[int] | None = None, *, tenant: TenantScope) -> RouterKeys:
-        """Router keys of many documents in bulk (a shard's load), one read per segment.
+        """Router keys of many documents in bulk (a shard's load), checksum-verified: per segment
+        one sequential scan of its router file, read straight into the result (format 3; older
+        segments are copied out of a memory map).
 
         doc_ids None: every live document of `tenant`. Ids `tenant` does not hold are an error.
         """
@@ -474,9 +476,9 @@ class StoreSnapshot:
         for seg_id, docs in by_segment.items():
             seg = self._segments[seg_id]
             if self._docs(seg).format >= 3:
-                self._guard(self._read_router3, seg, docs, keys)
+                self._guard(self._read_router_raw, seg, docs, keys)
             else:
-                self._guard(self._copy_router, seg, docs, keys)
+                self._guard(self._copy_router_arrow, seg, docs, keys)
         return RouterKeys(
             keys=keys,
             doc_offsets=torch.from_numpy(offsets),
@@ -485,7 +487,7 @@ class StoreSnapshot:
             routing_layers=lay.routing_layers,
         )
 
-    def _read_router3(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
+    def _read_router_raw(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
         """Read the router keys of `docs` ((row, first chunk in keys)) of a format-3 segment straight
         into `keys` [R, C, Hkv, D]: per layer one read of each run of adjacent documents, in file
         order through one open file (so the kernel's readahead sees one sequential scan), then
@@ -514,7 +516,7 @@ class StoreSnapshot:
                     f"segment file {name}: router keys of document {sdocs.rows[i].doc_id} fail their checksum", (name,)
                 )
 
-    def _copy_router(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
+    def _copy_router_arrow(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
         """Copy the router keys of `docs` out of an older segment's mapped router file into `keys`."""
         rf = self._cache.router(seg)
         spans = []
