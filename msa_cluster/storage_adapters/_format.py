@@ -10,13 +10,14 @@ A segment of format 3 (what this code writes) is three immutable files:
                       per routing layer of K/V). Small.
   <id>.router.bin     raw router keys, layer after layer: layer r is one [Cs, Hkv, D] tensor (all
                       documents' keys back to back), each layer starting 64-byte aligned, so a
-                      bulk load maps it.
+                      bulk load reads each run of documents straight into place.
   <id>.content.bin    per document, 64-byte aligned: K [R, C, Hkv, D], then V [R, C, Hkv, D],
                       then the UTF-8 text. A document's K/V is one range (one cold read), and its
                       layer r is the two ranges K[r], V[r] of L bytes each (a one-layer cold read).
 The tensor files are raw rather than Arrow IPC because an Arrow array holds one contiguous
 buffer: writing a segment through Arrow costs a copy of every byte to assemble it, while raw
-files are written straight from the tensors' memory (writev) and read back as views.
+files are written straight from the tensors' memory (writev) and read straight into the
+reader's tensors (preadv).
 
 Formats 1 and 2 (read only) store router keys and K/V in Arrow IPC files (`.router.arrow`: one
 large_binary column per layer; `.content.arrow`: doc_id, kv, text) and checksum with zlib's CRC32,
