@@ -15,6 +15,8 @@ The store checksums everything it writes and reads (CRC32C from format 3, zlib C
 by default reads each written file back to check it (StoreConfig.verify_writes); both are reported.
   one-layer cold read = read_kv(doc, layer=L) of every document after eviction: bytes the process
                  read from the disk (/proc/self/io read_bytes) against that layer's K/V bytes.
+  fresh read     = raw sequential read into freshly allocated memory that is kept (page faults and
+                 zeroing included), unchecked: the ceiling of any read that hands its bytes over.
   K/V tier cold read = the same through a fresh TieredKVReader's gather(L, every id), the path a KV
                  shard serves: it too should read only that layer's bytes.
 
@@ -86,6 +88,20 @@ def raw_write(path: str, payload: list[bytes]) -> float:
             f.write(b)
         f.flush()
         os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
+def raw_read_fresh(path: str) -> float:
+    """raw_read, but into fresh memory that is kept (what a read handing over its bytes must do)."""
+    t = time.perf_counter()
+    kept = []
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            buf = torch.empty(8 << 20, dtype=torch.uint8)
+            n = f.readinto(buf.numpy())
+            if not n:
+                break
+            kept.append(buf)
     return time.perf_counter() - t
 
 
@@ -210,6 +226,7 @@ def main() -> None:
         files = store_files(root)
         on_disk = sum(os.path.getsize(f) for f in files)
 
+        t_fresh = [raw_read_fresh(raw) for _ in range(args.reps)]
         t_rw, t_sw, t_rc, t_sc, t_layer, layer_disk, t_tier, tier_disk = [], [], [], [], [], [], [], []
         for _ in range(args.reps):
             t_rw.append(raw_read(raw))
@@ -254,6 +271,10 @@ def main() -> None:
     print(
         f"tier   cold gather of that layer through a fresh K/V tier: {min(t_tier) * 1e3:.0f} ms, {min(tier_disk)} B read "
         f"from disk ({100 * min(tier_disk) / layer_bytes:.0f}% of that layer's K/V)"
+    )
+    print(
+        f"fresh  raw read into fresh memory, warm: {gbs(min(t_fresh))} ({min(t_rw) / min(t_fresh):.2f} of raw): "
+        f"what handing over the bytes costs before any checksum"
     )
     print("ratios (store / raw sequential file I/O on the same disk; goal >= 0.8):")
     for name, raw_t, store_t in rows:
