@@ -15,6 +15,10 @@ The store checksums everything it writes and reads (CRC32C from format 3, zlib C
 by default reads each written file back to check it (StoreConfig.verify_writes); both are reported.
   one-layer cold read = read_kv(doc, layer=L) of every document after eviction: bytes the process
                  read from the disk (/proc/self/io read_bytes) against that layer's K/V bytes.
+  fresh read     = raw sequential read into freshly allocated memory that is kept (page faults and
+                 zeroing included), unchecked: the ceiling of any read that hands its bytes over.
+  K/V tier cold read = the same through a fresh TieredKVReader's gather(L, every id), the path a KV
+                 shard serves: it too should read only that layer's bytes.
 
 Before/after in one session: run this script against the code before the change
 (PYTHONPATH=<a checkout of it>) and after, alternately; it prints the store's format first.
@@ -35,7 +39,7 @@ import zlib
 
 import torch
 
-from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreConfig
+from msa_cluster.storage_adapters import ALL_TENANTS, MemoryStore, StoreConfig, TieredKVReader
 from msa_cluster.storage_adapters._format import FORMAT_VERSION
 from msa_cluster.types import EncodedDocument, ModelFingerprint
 
@@ -87,6 +91,20 @@ def raw_write(path: str, payload: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
+def raw_read_fresh(path: str) -> float:
+    """raw_read, but into fresh memory that is kept (what a read handing over its bytes must do)."""
+    t = time.perf_counter()
+    kept = []
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            buf = torch.empty(8 << 20, dtype=torch.uint8)
+            n = f.readinto(buf.numpy())
+            if not n:
+                break
+            kept.append(buf)
+    return time.perf_counter() - t
+
+
 def raw_read(path: str) -> float:
     buf = bytearray(8 << 20)
     t = time.perf_counter()
@@ -132,6 +150,25 @@ def store_read_layer(root: str, layer: int) -> tuple[float, int]:
     return time.perf_counter() - t, disk_read_bytes() - before
 
 
+def tier_read_layer(root: str, layer: int) -> tuple[float, int]:
+    """gather(layer, every id) through a fresh K/V tier: (seconds, bytes read from disk)."""
+    before = disk_read_bytes()
+    t = time.perf_counter()
+    snap = MemoryStore.open(root, FP).snapshot()
+    TieredKVReader(snap, 1 << 30, ALL_TENANTS).gather(layer, snap.doc_ids(ALL_TENANTS))
+    return time.perf_counter() - t, disk_read_bytes() - before
+
+
+def machine() -> str:
+    """CPU model and core count (Linux), for the report."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def checksum_speeds(blob: bytes) -> str:
     out = []
     for name, fn in (("zlib.crc32", zlib.crc32), ("crc32c", _crc32c())):
@@ -171,6 +208,7 @@ def main() -> None:
     assert useful == theoretical
     layer_bytes = 2 * chunks * HKV * D * 2  # K and V of one routing layer, every document
 
+    load_start = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="bench_store_", dir=args.dir)
     try:
         warm = make_docs(4 * CHUNK, CHUNK, args.seed + 1)  # first-call costs stay out of the timings
@@ -188,7 +226,8 @@ def main() -> None:
         files = store_files(root)
         on_disk = sum(os.path.getsize(f) for f in files)
 
-        t_rw, t_sw, t_rc, t_sc, t_layer, layer_disk = [], [], [], [], [], []
+        t_fresh = [raw_read_fresh(raw) for _ in range(args.reps)]
+        t_rw, t_sw, t_rc, t_sc, t_layer, layer_disk, t_tier, tier_disk = [], [], [], [], [], [], [], []
         for _ in range(args.reps):
             t_rw.append(raw_read(raw))
             t_sw.append(store_read(root))
@@ -201,6 +240,10 @@ def main() -> None:
                 t, n = store_read_layer(root, LAYERS[len(LAYERS) // 2])
                 t_layer.append(t)
                 layer_disk.append(n)
+            evict(files)
+            t, n = tier_read_layer(root, LAYERS[len(LAYERS) // 2])
+            t_tier.append(t)
+            tier_disk.append(n)
         speeds = checksum_speeds(payload[0] * max(1, (64 << 20) // len(payload[0])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -217,7 +260,7 @@ def main() -> None:
     ]
     print(f"bench_store: store format {FORMAT_VERSION}; MSA-4B shape ({len(LAYERS)} routing layers, {HKV} kv heads x {D}, bf16, chunk {CHUNK}):")
     print(f"  {len(docs)} documents, {tokens} tokens, {chunks} chunks, {useful / 1e6:.1f} MB of tensors + text; best of {args.reps}")
-    print(f"  (context: {speeds}; load average {os.getloadavg()[0]:.2f})")
+    print(f"  (context: {machine()}; {speeds}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end)")
     print(f"bytes  on disk {on_disk} B ({len(files)} files) vs theoretical {theoretical} B")
     print(f"       (= {chunks} chunks x {CHUNK_BYTES} B + {text_bytes} B text) -> overhead {100 * (on_disk / theoretical - 1):.3f}% (goal < 5%)")
     if t_layer:
@@ -225,6 +268,14 @@ def main() -> None:
             f"layer  cold read of one layer of every document: {min(t_layer) * 1e3:.0f} ms, {min(layer_disk)} B read from disk "
             f"for {layer_bytes} B of that layer's K/V ({100 * min(layer_disk) / layer_bytes:.0f}%; the whole K/V is {len(LAYERS)}x that)"
         )
+    print(
+        f"tier   cold gather of that layer through a fresh K/V tier: {min(t_tier) * 1e3:.0f} ms, {min(tier_disk)} B read "
+        f"from disk ({100 * min(tier_disk) / layer_bytes:.0f}% of that layer's K/V)"
+    )
+    print(
+        f"fresh  raw read into fresh memory, warm: {gbs(min(t_fresh))} ({min(t_rw) / min(t_fresh):.2f} of raw): "
+        f"what handing over the bytes costs before any checksum"
+    )
     print("ratios (store / raw sequential file I/O on the same disk; goal >= 0.8):")
     for name, raw_t, store_t in rows:
         print(f"  {name:38s} raw {gbs(raw_t)} | store {gbs(store_t)} -> ratio {raw_t / store_t:.2f}")

@@ -1,7 +1,7 @@
 """KVShard: pooled K/V (and raw texts) of its documents, served per routing layer.
 
-Content lives in node RAM through the store's `TieredKVReader` (an LRU under a byte budget;
-cold documents are one range read from the store). It evicts when full and never crashes.
+Content lives in node RAM through the store's `TieredKVReader` (an LRU under a byte budget of
+whole documents and single layers; a cold read of one layer reads that layer's bytes only). It evicts when full and never crashes.
 Requests name the version they pinned: a document updated after that version is read from
 the pinned snapshot, not from the newer hot copy.
 
@@ -70,24 +70,24 @@ class KVShard:
         return torch.cat([k for k, _ in pieces]), torch.cat([v for _, v in pieces]), [int(k.shape[0]) for k, _ in pieces]
 
     def read(self, layer: int, doc_ids: Sequence[int], version: int, tenant: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(K, V) [C, Hkv, D] of each of `tenant`'s `doc_ids` at `layer`: views of the tier's tensors, no copy."""
+        """(K, V) [C, Hkv, D] of each of `tenant`'s `doc_ids` at `layer`: views of the tier's tensors,
+        no copy; a cold document is read at this layer only."""
         snap = self._snapshot(version)
-        r = routing_row(snap.fingerprint.routing_layers, layer)
+        routing_row(snap.fingerprint.routing_layers, layer)  # ValueError unless a routing layer
         out = []
         for doc_id in doc_ids:
             snap.info(int(doc_id), tenant=tenant)  # UnknownDocumentError unless it is the tenant's
-            k, v = self._kv(int(doc_id), snap)
-            out.append((k[r], v[r]))
+            out.append(self._layer_kv(int(doc_id), layer, snap))
         return out
 
-    def _kv(self, doc_id: int, snap: StoreSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer_kv(self, doc_id: int, layer: int, snap: StoreSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
         """From the hot tier when it holds this version's content of the document, else from `snap`."""
         reader = self._reader
         if reader is not None:
             hot = reader.snapshot
             if hot is snap or (doc_id in hot and hot.content_id(doc_id, tenant=ALL_TENANTS) == snap.content_id(doc_id, tenant=ALL_TENANTS)):
-                return reader.get(doc_id)
-        return snap.read_kv(doc_id, tenant=ALL_TENANTS)
+                return reader.layer(doc_id, layer)
+        return snap.read_kv(doc_id, tenant=ALL_TENANTS, layer=layer)
 
     def texts(self, doc_ids: Sequence[int], version: int, tenant: str) -> dict[int, str]:
         """Raw texts of the documents of `tenant` live at `version`; other ids are left out."""

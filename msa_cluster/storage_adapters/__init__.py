@@ -25,10 +25,12 @@ Public API:
     StoreSnapshot (every read names its tenant, or ALL_TENANTS for the cluster's own reads)
         .doc_ids(tenant) -> list[int]; .info(doc_id, tenant) -> DocInfo; .texts(ids, tenant) -> {id: str}
         .resolve(client_ids, tenant) -> {client id: id}
-        .read_kv(doc_id, tenant) -> (K, V)    # each [R, C, Hkv, D], one range read, zero-copy locally
+        .read_kv(doc_id, tenant, layer=None) -> (K, V)   # each [R, C, Hkv, D] (layer: [C, Hkv, D], that
+                                                          # layer's bytes only), read into fresh memory
         .router_keys(doc_ids=None, *, tenant) -> RouterKeys   # keys [R, sum C, Hkv, D] in bulk
         .documents(doc_ids=None, *, tenant) -> list[EncodedDocument]; .tensors(name)
-    TieredKVReader(snapshot, budget_bytes, tenant)   .get(id) -> (K, V); .gather(layer, ids) -> (K, V) [sum C, Hkv, D]
+    TieredKVReader(snapshot, budget_bytes, tenant)   .get(id) -> (K, V); .layer(id, layer) -> (K, V) [C, Hkv, D]
+        .gather(layer, ids) -> (K, V) [sum C, Hkv, D]     # cold documents read at that layer only
 
 Document ids are ints that the store allocates, each to one tenant, and never reuses; a client
 id is a tenant's own optional alias of a document (unique per tenant). To a tenant, another

@@ -10,13 +10,14 @@ A segment of format 3 (what this code writes) is three immutable files:
                       per routing layer of K/V). Small.
   <id>.router.bin     raw router keys, layer after layer: layer r is one [Cs, Hkv, D] tensor (all
                       documents' keys back to back), each layer starting 64-byte aligned, so a
-                      bulk load maps it.
+                      bulk load reads each run of documents straight into place.
   <id>.content.bin    per document, 64-byte aligned: K [R, C, Hkv, D], then V [R, C, Hkv, D],
                       then the UTF-8 text. A document's K/V is one range (one cold read), and its
                       layer r is the two ranges K[r], V[r] of L bytes each (a one-layer cold read).
 The tensor files are raw rather than Arrow IPC because an Arrow array holds one contiguous
 buffer: writing a segment through Arrow costs a copy of every byte to assemble it, while raw
-files are written straight from the tensors' memory (writev) and read back as views.
+files are written straight from the tensors' memory (writev) and read straight into the
+reader's tensors (preadv).
 
 Formats 1 and 2 (read only) store router keys and K/V in Arrow IPC files (`.router.arrow`: one
 large_binary column per layer; `.content.arrow`: doc_id, kv, text) and checksum with zlib's CRC32,
@@ -59,7 +60,7 @@ __all__ = [
     "segment_file_name",
     "decode_docs",
     "decode_content_range",
-    "decode_layer",
+    "decode_kv",
     "decode_text_range",
     "doc_checksums",
     "metadata_json",
@@ -205,9 +206,6 @@ class DocRow:
     def checksums(self) -> Checksums:
         return Checksums(self.content_crc, self.router_crc, self.layer_crcs, self.format)
 
-    def layer_crc(self, r: int) -> int:
-        return int.from_bytes(self.layer_crcs[4 * r : 4 * r + 4], "little")
-
     @property
     def metadata_dict(self) -> dict[str, str]:
         return json.loads(self.metadata)
@@ -240,15 +238,25 @@ def _u8np(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
+def _layer_bytes(t: torch.Tensor) -> np.ndarray:
+    """[R, ...] tensor -> [R, L] uint8 numpy view: row r is layer r's bytes (numpy rows are far
+    cheaper to slice than torch views, which matters at two checksum calls per layer)."""
+    return _u8np(t).reshape(t.shape[0], -1)
+
+
+def layer_checksums(k: np.ndarray, v: np.ndarray, fmt: int) -> bytes:
+    """Format 3's per-layer checksums of K, V given as [R, L] bytes: R little-endian uint32s."""
+    crc = crc_of(fmt)
+    return np.array([crc(v[r], crc(k[r])) for r in range(k.shape[0])], dtype="<u4").tobytes()
+
+
 def doc_checksums(doc: EncodedDocument, fmt: int = FORMAT_VERSION) -> Checksums:
     """The checksums `doc` has when stored in a segment of format `fmt`."""
     crc = crc_of(fmt)
-    router = chained(crc, (_u8np(doc.router_keys[r]) for r in range(doc.router_keys.shape[0])))
+    router = chained(crc, _layer_bytes(doc.router_keys))
     if fmt < 3:
         return Checksums(crc(_u8np(doc.values), crc(_u8np(doc.keys))), router, b"", fmt)
-    layers = np.array(
-        [crc(_u8np(doc.values[r]), crc(_u8np(doc.keys[r]))) for r in range(doc.keys.shape[0])], dtype="<u4"
-    ).tobytes()
+    layers = layer_checksums(_layer_bytes(doc.keys), _layer_bytes(doc.values), fmt)
     return Checksums(crc(layers), router, layers, fmt)
 
 
@@ -302,19 +310,22 @@ def encode_segment(
     """Encode documents (already checked with `layout.check`) into one format-3 segment's three files.
 
     write_file(kind, buffers) stores the raw file of `kind` ("content", then "router") as the
-    concatenation of `buffers` (views of the documents' tensors: nothing is assembled here);
-    write_table("docs", batch) then stores the docs table as a one-batch Arrow IPC file.
+    concatenation of `buffers` (views of the documents' tensors: nothing is assembled here); it
+    may return before the file is written (the caller then waits for it), so the documents'
+    checksums are computed while the bytes go out. write_table("docs", batch) then stores the
+    docs table as a one-batch Arrow IPC file.
     checksums: each document's `doc_checksums` where already computed (others are computed here;
     ones of another format are ignored).
     """
     if not docs:
         raise ValueError("a segment needs at least one document")
-    known = list(checksums) if checksums is not None else [None] * len(docs)
-    sums = [c if c is not None and c.format == FORMAT_VERSION else doc_checksums(d) for d, c in zip(docs, known)]
     texts = [d.text.encode("utf-8") if d.text is not None else None for d in docs]
     views, kv_offsets, text_offsets = _content_views(docs, texts)
     write_file("content", views)
     write_file("router", _router_views(docs, layout))
+    # after starting the writes: the checksums are computed while the files go to storage
+    known = list(checksums) if checksums is not None else [None] * len(docs)
+    sums = [c if c is not None and c.format == FORMAT_VERSION else doc_checksums(d) for d, c in zip(docs, known)]
     crc = crc_of(FORMAT_VERSION)
     rows = []
     for i, d in enumerate(docs):
@@ -497,7 +508,7 @@ def decode_content_range(row: DocRow, buf: Any, offset: int, layout: TensorLayou
     v = _frombuffer(buf, layout.dtype, offset + count * layout.itemsize, count).view(shape)
     crc = crc_of(row.format)
     if row.format >= 3:
-        ok = all(crc(_u8np(v[r]), crc(_u8np(k[r]))) == row.layer_crc(r) for r in range(shape[0]))
+        ok = layer_checksums(_layer_bytes(k), _layer_bytes(v), row.format) == row.layer_crcs
     else:
         view = memoryview(buf)[offset : offset + row.content_length]
         try:
@@ -515,14 +526,18 @@ def layer_ranges(row: DocRow, r: int, layout: TensorLayout) -> tuple[int, int, i
     return row.content_offset + r * n, row.content_offset + (len(layout.routing_layers) + r) * n, n
 
 
-def decode_layer(row: DocRow, r: int, kv: torch.Tensor, got: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the layer-r K, V read into `kv` [2, C, Hkv, D] (`got`: bytes read of each) of a
-    format-3 row; returns (K, V) [C, Hkv, D]."""
-    n = kv[0].numel() * kv.element_size()
-    if any(g != n for g in got):
+def decode_kv(
+    row: DocRow, layer_rows: Sequence[int], kv: torch.Tensor, got: Sequence[int], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the K, V of layer rows `layer_rows` of a format-3 row, read into `kv`
+    [2, len(layer_rows), C, Hkv, D] (`got`: bytes read of each range); returns (K, V), each
+    [len(layer_rows), C, Hkv, D], views of `kv`. CorruptStoreError naming the file on a short
+    read or a checksum mismatch."""
+    if sum(got) != kv.numel() * kv.element_size():
         raise _truncated(row, name)
-    crc = crc_of(row.format)
-    if crc(_u8np(kv[1]), crc(_u8np(kv[0]))) != row.layer_crc(r):
+    u8 = kv.view(torch.uint8).numpy().reshape(2, len(layer_rows), -1)  # [2, R', L]
+    want = b"".join(row.layer_crcs[4 * r : 4 * r + 4] for r in layer_rows)
+    if layer_checksums(u8[0], u8[1], row.format) != want:
         raise _kv_checksum_fails(row, name)
     return kv[0], kv[1]
 

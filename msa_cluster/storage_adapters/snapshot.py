@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import torch
 
-from msa_cluster.storage_adapters._checksums import ALGORITHMS
+from msa_cluster.storage_adapters._checksums import ALGORITHMS, crc_of
 from msa_cluster.storage_adapters._format import (
     DocRow,
     RouterFile,
@@ -25,9 +25,10 @@ from msa_cluster.storage_adapters._format import (
     TensorLayout,
     decode_content_range,
     decode_docs,
-    decode_layer,
+    decode_kv,
     decode_text_range,
     layer_ranges,
+    router_layer_bytes,
 )
 from msa_cluster.storage_adapters._fs import StoreFS
 from msa_cluster.storage_adapters.errors import CorruptStoreError
@@ -118,6 +119,17 @@ class RouterKeys:
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
     """[C, Hkv, D] tensor -> [C, Hkv * D * itemsize] uint8 numpy view of the same memory."""
     return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+
+
+def _coalesce(spans: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(source chunk, destination chunk, chunks) spans with adjacent ones (on both sides) merged."""
+    runs: list[list[int]] = []
+    for a, b, n in spans:
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
+            runs[-1][2] += n
+        else:
+            runs.append([a, b, n])
+    return [(a, b, n) for a, b, n in runs]
 
 
 class SegmentCache:
@@ -344,33 +356,44 @@ class StoreSnapshot:
 
     # ------------------------------------------------------------------ content
     def read_kv(self, doc_id: int, tenant: TenantScope, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of one document: each [R, C, Hkv, D] in the store dtype, from one range read.
+        """K, V of one document: each [R, C, Hkv, D] in the store dtype, checksum-verified.
 
-        Locally the tensors are zero-copy views of a copy-on-write mmap of the segment shared by
-        this store handle: treat them as read-only (clone before writing in place). A write never
-        reaches the file, and a later read of the document through this handle reports it as a
-        checksum error rather than returning changed values.
+        The tensors are the caller's own (fresh memory, never a view of a file or a cache). A
+        format-3 document is one read of its K/V range straight into them (one `preadv` locally,
+        one ranged GET elsewhere); an older segment is read through the segment's memory map
+        and copied out.
 
-        layer: one routing layer only: K, V [C, Hkv, D] (fresh tensors), read as the two ranges
-        K[r], V[r] into preallocated memory, nothing else of the file (segments of format 3, which
-        checksum each layer; an older segment can only be verified whole, so it is read whole).
+        layer: one routing layer only: K, V [C, Hkv, D], read as the two ranges K[r], V[r] and
+        nothing else of the file (segments of format 3, which checksum each layer; an older
+        segment can only be verified whole, so it is read whole).
         """
         seg, _, row = self._row(doc_id, tenant)
         ref = seg.files["content"]
         name = self._fs.display(ref.path)
-        if layer is not None:
-            r = self._layout.layer_row(layer)
-            if row.format >= 3:
-                k_at, v_at, n = layer_ranges(row, r, self._layout)
-                lay = self._layout
-                kv = torch.empty(2, row.num_chunks, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)  # [2, C, Hkv, D]
-                u8 = kv.view(torch.uint8).view(2, n).numpy()  # [2, L] bytes of the same memory
-                got = self._guard(self._fs.read_into, ref.path, [(k_at, u8[0]), (v_at, u8[1])])
-                return decode_layer(row, r, kv, got, name)
-            k, v = self.read_kv(doc_id, tenant)
-            return k[r].clone(), v[r].clone()
+        rows = range(len(self._layout.routing_layers)) if layer is None else [self._layout.layer_row(layer)]
+        if row.format >= 3:
+            k, v = self._guard(self._read_kv_raw, ref, row, rows, name)
+            return (k, v) if layer is None else (k[0], v[0])
         buf, offset = self._guard(self._cache.range, ref, row.content_offset, row.content_length)
-        return decode_content_range(row, buf, offset, self._layout, name)
+        k, v = decode_content_range(row, buf, offset, self._layout, name)
+        if layer is not None:
+            return k[rows[0]].clone(), v[rows[0]].clone()
+        return (k.clone(), v.clone()) if isinstance(buf, mmap.mmap) else (k, v)
+
+    def _read_kv_raw(self, ref: FileRef, row: DocRow, rows: Sequence[int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [len(rows), C, Hkv, D] of layer rows `rows` (all, or one) of a format-3 document."""
+        lay = self._layout
+        # zeros, not empty: faulting fresh pages in from user space first is cheaper than taking
+        # the faults inside the kernel's copy (measured 25% on a KVM guest)
+        kv = torch.zeros(2, len(rows), row.num_chunks, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+        u8 = kv.view(torch.uint8).view(2, len(rows) * row.num_chunks * lay.chunk_bytes).numpy()  # [2, len(rows) * L]
+        if len(rows) == len(lay.routing_layers):  # K then V: one range
+            ranges = [(row.content_offset, u8)]
+        else:
+            k_at, v_at, _ = layer_ranges(row, rows[0], lay)
+            ranges = [(k_at, u8[0]), (v_at, u8[1])]
+        got = self._fs.read_into(ref.path, ranges)
+        return decode_kv(row, rows, kv, got, name)
 
     def kv_nbytes(self, doc_id: int, tenant: TenantScope) -> int:
         """Bytes of K and V of one document (what `read_kv` brings into memory)."""
@@ -436,7 +459,9 @@ class StoreSnapshot:
 
     # ------------------------------------------------------------------ router keys
     def router_keys(self, doc_ids: Iterable[int] | None = None, *, tenant: TenantScope) -> RouterKeys:
-        """Router keys of many documents in bulk (a shard's load), one read per segment.
+        """Router keys of many documents in bulk (a shard's load), checksum-verified: per segment
+        one sequential scan of its router file, read straight into the result (format 3; older
+        segments are copied out of a memory map).
 
         doc_ids None: every live document of `tenant`. Ids `tenant` does not hold are an error.
         """
@@ -446,25 +471,17 @@ class StoreSnapshot:
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(chunks, out=offsets[1:])
         lay = self._layout
-        keys = torch.empty(len(lay.routing_layers), int(offsets[-1]), lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
-        by_segment: dict[str, list[int]] = {}
-        for j, (seg, _, _) in enumerate(picked):
-            by_segment.setdefault(seg.id, []).append(j)
-        for seg_id, js in by_segment.items():
-            rf = self._guard(self._cache.router, self._segments[seg_id])
-            runs: list[list[int]] = []  # [src_start, dst_start, n_chunks]: adjacent documents coalesced
-            for j in js:
-                i = picked[j][1]
-                rf.check(i)
-                a, n = int(rf.docs.chunk_offsets[i]), picked[j][2].num_chunks
-                if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == offsets[j]:
-                    runs[-1][2] += n
-                else:
-                    runs.append([a, int(offsets[j]), n])
-            for r, layer_keys in enumerate(rf.layers):
-                src, dst = _bytes_view(layer_keys), _bytes_view(keys[r])
-                for a, b, n in runs:  # numpy copies run at memcpy speed
-                    np.copyto(dst[b : b + n], src[a : a + n])
+        # zeros: pages faulted in before the reads fill them (see _read_kv_raw)
+        keys = torch.zeros(len(lay.routing_layers), int(offsets[-1]), lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+        by_segment: dict[str, list[tuple[int, int]]] = {}  # segment id -> (row in it, first chunk in keys)
+        for j, (seg, i, _) in enumerate(picked):
+            by_segment.setdefault(seg.id, []).append((i, int(offsets[j])))
+        for seg_id, docs in by_segment.items():
+            seg = self._segments[seg_id]
+            if self._docs(seg).format >= 3:
+                self._guard(self._read_router_raw, seg, docs, keys)
+            else:
+                self._guard(self._copy_router_arrow, seg, docs, keys)
         return RouterKeys(
             keys=keys,
             doc_offsets=torch.from_numpy(offsets),
@@ -472,6 +489,48 @@ class StoreSnapshot:
             tenants=tuple(row.tenant for _, _, row in picked),
             routing_layers=lay.routing_layers,
         )
+
+    def _read_router_raw(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
+        """Read the router keys of `docs` ((row, first chunk in keys)) of a format-3 segment straight
+        into `keys` [R, C, Hkv, D]: per layer one read of each run of adjacent documents, in file
+        order through one open file (so the kernel's readahead sees one sequential scan), then
+        each document's checksum chained over its layers."""
+        sdocs, lay = self._docs(seg), self._layout
+        ref = seg.files["router"]
+        name = self._fs.display(ref.path)
+        stride, cb = router_layer_bytes(sdocs, lay), lay.chunk_bytes
+        if ref.size != stride * len(lay.routing_layers):
+            raise CorruptStoreError(f"segment file {name}: the manifest says {ref.size} bytes, its docs table needs "
+                                    f"{stride * len(lay.routing_layers)}", (name,))  # fmt: skip
+        spans = [(int(sdocs.chunk_offsets[i]), dst, sdocs.rows[i].num_chunks) for i, dst in docs]
+        runs = _coalesce(spans)
+        dst = [_bytes_view(keys[r]) for r in range(len(lay.routing_layers))]  # R x [C, chunk bytes]
+        ranges = [(r * stride + a * cb, dst[r][b : b + n]) for r in range(len(dst)) for a, b, n in runs]
+        if sum(self._fs.read_into(ref.path, ranges)) != sum(n for _, _, n in runs) * cb * len(dst):
+            raise CorruptStoreError(f"segment file {name} is truncated: it ends inside its router keys", (name,))
+        crc = crc_of(sdocs.format)
+        crcs = [0] * len(spans)
+        for layer in dst:
+            for j, (_, b, n) in enumerate(spans):
+                crcs[j] = crc(layer[b : b + n], crcs[j])
+        for (i, _), value in zip(docs, crcs):
+            if value != sdocs.rows[i].router_crc:
+                raise CorruptStoreError(
+                    f"segment file {name}: router keys of document {sdocs.rows[i].doc_id} fail their checksum", (name,)
+                )
+
+    def _copy_router_arrow(self, seg: SegmentRef, docs: Sequence[tuple[int, int]], keys: torch.Tensor) -> None:
+        """Copy the router keys of `docs` out of an older segment's mapped router file into `keys`."""
+        rf = self._cache.router(seg)
+        spans = []
+        for i, first in docs:
+            rf.check(i)
+            spans.append((int(rf.docs.chunk_offsets[i]), first, rf.docs.rows[i].num_chunks))
+        runs = _coalesce(spans)
+        for r, layer_keys in enumerate(rf.layers):
+            src, dst = _bytes_view(layer_keys), _bytes_view(keys[r])
+            for a, b, n in runs:  # numpy copies run at memcpy speed
+                np.copyto(dst[b : b + n], src[a : a + n])
 
     # ------------------------------------------------------------------ artifacts
     def tensors(self, name: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from msa_cluster.storage_adapters.errors import (
 )
 from msa_cluster.storage_adapters.manifest import (
     MANIFEST_DIR,
+    SEGMENT_KINDS,
     FileRef,
     IdAllocation,
     Manifest,
@@ -317,18 +318,30 @@ class MemoryStore:
             base = self._latest_manifest()
 
     def _check_readback(self, ref: FileRef) -> None:
-        back = self._fs.map(ref.path)
-        if len(back) != ref.size or ALGORITHMS[ref.algorithm](back, 0) != ref.crc:
+        size, crc = self._fs.checksum(ref.path, ALGORITHMS[ref.algorithm])
+        if size != ref.size or crc != ref.crc:
             name = self._fs.display(ref.path)
             raise CorruptStoreError(f"file {name} does not read back as written", (name,))
 
-    def _write_file(self, rel: str, views: Sequence[Any]) -> FileRef:
-        """Write a file as the concatenation of `views`; its CRC32C is taken from those same buffers."""
-        ref = FileRef(rel, sum(memoryview(v).nbytes for v in views), chained(crc32c, views))
+    def _put(self, rel: str, views: Sequence[Any]) -> tuple[int, int] | None:
+        """Write a file as the concatenation of `views`; with `verify_writes`, its (size, CRC32C)
+        as read back (the caller compares it with the CRC32C of `views`)."""
         self._fs.write_views(rel, views)
-        if self.config.verify_writes:
-            self._check_readback(ref)
+        return self._fs.checksum(rel, crc32c) if self.config.verify_writes else None
+
+    def _file_ref(self, rel: str, views: Sequence[Any], put: Callable[[], tuple[int, int] | None]) -> FileRef:
+        """The FileRef of a file written from `views`: its CRC32C is taken from them, then `put`
+        (the write, or waiting for it) gives the file as read back, or None if not read back."""
+        ref = FileRef(rel, sum(memoryview(v).nbytes for v in views), chained(crc32c, views))
+        back = put()
+        if back is not None and back != (ref.size, ref.crc):
+            name = self._fs.display(rel)
+            raise CorruptStoreError(f"file {name} does not read back as written", (name,))
         return ref
+
+    def _write_file(self, rel: str, views: Sequence[Any]) -> FileRef:
+        """Write a (small) file as the concatenation of `views`, checked as `_put` says."""
+        return self._file_ref(rel, views, lambda: self._put(rel, views))
 
     def _write_batch(self, rel: str, batch: Any) -> FileRef:
         """Store a one-batch Arrow IPC file (a docs table) and return its FileRef.
@@ -345,20 +358,36 @@ class MemoryStore:
     def _encode(
         self, seg_id: str, docs: list[EncodedDocument], crcs: Sequence[Checksums | None]
     ) -> tuple[SegmentRef, list[DocRow]]:
-        """Write one segment of `docs`; removes what it wrote if it fails."""
+        """Write one segment of `docs`; removes what it wrote if it fails.
+
+        The three files are written (and read back) by three threads while this one computes
+        the documents' checksums and then the tensor files' CRC32Cs from the same buffers: the
+        checksums take CPU time that the writes (mostly waiting for fsync) leave idle.
+        """
         files: dict[str, FileRef] = {}
+        pending: dict[str, tuple[str, list[Any], Future]] = {}
+        path = {kind: f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}" for kind in SEGMENT_KINDS}
+        pool = ThreadPoolExecutor(len(SEGMENT_KINDS), thread_name_prefix="msa-put")
+        table: list[Future] = []
 
         def write_file(kind: str, views: list[Any]) -> None:
-            files[kind] = self._write_file(f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}", views)
+            pending[kind] = (path[kind], views, pool.submit(self._put, path[kind], views))
 
         def write_table(kind: str, batch: Any) -> None:
-            files[kind] = self._write_batch(f"{SEGMENT_DIR}/{segment_file_name(seg_id, kind)}", batch)
+            table.append(pool.submit(self._write_batch, path[kind], batch))
 
         try:
             rows = encode_segment(seg_id, docs, self.layout, write_file, write_table, crcs)
+            for kind, (rel, views, put) in pending.items():
+                files[kind] = self._file_ref(rel, views, put.result)
+            files["docs"] = table[0].result()
         except BaseException:
-            self._discard([SegmentRef(seg_id, 0, 0, files)])
+            wait([put for _, _, put in pending.values()] + table)  # no write may land after the clean-up
+            for rel in path.values():
+                self._fs.delete(rel)
             raise
+        finally:
+            pool.shutdown(wait=True)
         return SegmentRef(seg_id, len(rows), sum(r.num_chunks for r in rows), files), rows
 
     def _write_segments(

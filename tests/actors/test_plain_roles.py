@@ -370,3 +370,30 @@ def test_writes_through_the_cluster_are_tenant_scoped(model, docs):
     assert len(set(messages[0::2])) == 1 and messages[0::2] == messages[1::2]
     assert coord.version == version == store.latest_version()
     assert store.snapshot().info(0, tenant="acme").tenant == "acme"
+
+
+def test_a_kv_shards_cold_read_of_one_layer_reads_only_that_layer(model, docs, monkeypatch):
+    """KVShard.read at one layer reads K[r] and V[r] of each cold document (2 * C * Hkv * D * itemsize
+    bytes) and nothing of the other layers; a second read of that layer is served from RAM."""
+    from msa_cluster.storage_adapters._fs import StoreFS
+
+    store = store_with(model, docs)
+    shard = kv(store, 0)
+    version = shard.converge(store.latest_version())
+    snap = store.snapshot(version)
+    ids = snap.doc_ids("acme")[:3]
+    layer = model.config.routing_layers[-1]
+    r = model.config.routing_layers.index(layer)
+    want = [snap.read_kv(i, "acme") for i in ids]
+    asked: list[int] = []
+    real = StoreFS.read_into
+
+    def spy(self, rel, ranges):
+        asked.extend(memoryview(b).nbytes for _, b in ranges)
+        return real(self, rel, ranges)
+
+    monkeypatch.setattr(StoreFS, "read_into", spy)
+    for _ in range(2):
+        for (k, v), (wk, wv) in zip(shard.read(layer, ids, version, "acme"), want):
+            assert torch.equal(k, wk[r]) and torch.equal(v, wv[r])
+    assert asked == [wk[r].numel() * wk.element_size() for wk, _ in want for _ in range(2)]

@@ -334,7 +334,7 @@ def test_segments_are_written_in_parallel_in_order_and_fail_whole(location):
     before = parallel.latest_version()
     fs = StoreFS(loc2.url, loc2.storage_options)
     files_before = {f.name for f in fs.list("segments")}
-    real, calls, lock = parallel._write_file, [0], threading.Lock()
+    real, calls, lock = parallel._put, [0], threading.Lock()
 
     def flaky(rel, views):
         with lock:
@@ -344,7 +344,7 @@ def test_segments_are_written_in_parallel_in_order_and_fail_whole(location):
             raise OSError("upload failed")
         return real(rel, views)
 
-    parallel._write_file = flaky
+    parallel._put = flaky  # type: ignore[method-assign]
     with pytest.raises(OSError, match="upload failed"):
         parallel.insert([make_doc(i, num_tokens=12) for i in range(8, 16)])
     assert parallel.latest_version() == before and {f.name for f in fs.list("segments")} == files_before
