@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from msa_cluster.training.tasks import TASKS
+from msa_cluster.training.tasks import TASKS, TRAINING_TASKS
 
 __all__ = ["ModelSpec", "DataSpec", "TrainConfig", "load_config"]
 
@@ -45,7 +45,7 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     tasks: dict[str, float] = Field(
-        default_factory=lambda: {t: 1.0 for t in TASKS}, description=f"task -> sampling weight; tasks from {TASKS}"
+        default_factory=lambda: {t: 1.0 for t in TASKS}, description=f"task -> sampling weight; tasks from {TRAINING_TASKS}"
     )
     num_docs: int = Field(16, ge=2, le=512, description="documents per haystack")
     id_digits: int = Field(0, ge=0, le=12, description="0: ids 0..num_docs-1; d: distinct random ids of 1..d digits, "
@@ -56,9 +56,9 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _tasks(self) -> DataSpec:
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted(set(self.tasks) - set(TRAINING_TASKS))
         if unknown or not self.tasks:
-            raise ValueError(f"data.tasks must name tasks from {TASKS}, got {sorted(self.tasks)}")
+            raise ValueError(f"data.tasks must name tasks from {TRAINING_TASKS}, got {sorted(self.tasks)}")
         if any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"data.tasks weights must be >= 0 with a positive sum, got {self.tasks}")
         return self

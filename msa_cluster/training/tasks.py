@@ -13,6 +13,11 @@ round. Tasks:
   company {person} works for is located. The question never names the company, so the second
   document can only be found after reading the first: what memory interleave is for.
 
+A training aid, not an evaluation task (`TRAINING_TASKS`):
+- `quote`: asked to quote the document that mentions a person; the answer is that document's
+  whole text. Every answer token is a copy from the text read in the round before, so it trains
+  the copying that the needle tasks need, about ten times more densely than they do.
+
 Document ids: by default 0..N-1, as a fresh store allocates them. With `id_digits` = d > 0 each
 document gets a distinct random id of 1 to d digits (the digit count drawn uniformly, then the
 value), as in a large memory, so that a model trained on them has to read an id from memory
@@ -30,9 +35,10 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "SPLITS", "Document", "TaskExample", "make_example", "in_split", "filler_texts"]
+__all__ = ["TASKS", "TRAINING_TASKS", "SPLITS", "Document", "TaskExample", "make_example", "in_split", "filler_texts"]
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "two_hop")
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "two_hop")  # what `msa eval` measures
+TRAINING_TASKS = (*TASKS, "quote")  # what `msa train` can mix
 SPLITS = ("train", "eval")
 EVAL_BUCKETS = 2  # of 10 hash buckets; the other 8 are training's
 
@@ -124,10 +130,12 @@ def _uuid(rng: random.Random) -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _filler(d: _Drawer) -> str:
+def _filler(d: _Drawer, person: str | None = None) -> str:
+    """A filler sentence; with `person`, one that mentions that person."""
     r = d.rng
-    return r.choice(_FILLERS).format(
-        person=d.person(), person2=d.person(), city=d.word(), n=r.randint(2, 99), hour=r.randint(1, 12), adj=r.choice(_ADJS),
+    templates = _FILLERS if person is None else [f for f in _FILLERS if f.startswith("{person}") or " by {person}" in f]
+    return r.choice(templates).format(
+        person=person or d.person(), person2=d.person(), city=d.word(), n=r.randint(2, 99), hour=r.randint(1, 12), adj=r.choice(_ADJS),
         thing=r.choice(_THINGS), color=r.choice(_COLORS), day=r.choice(_DAYS), year=r.randint(1800, 2020),
     )  # fmt: skip
 
@@ -185,14 +193,19 @@ def _assemble(d: _Drawer, task: str, facts: list[str], num_docs: int, id_digits:
 
 def make_example(task: str, split: str, seed: int, index: int, num_docs: int = 16, id_digits: int = 0) -> TaskExample:
     """The example `index` of `task` in `split` for `seed`; the same arguments give the same example."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"task must be one of {TRAINING_TASKS}, got {task!r}")
     if not 0 <= id_digits <= 12:
         raise ValueError(f"id_digits must be in [0, 12], got {id_digits}")
     rng = random.Random(f"{task}/{split}/{seed}/{index}")
     d = _Drawer(rng, split)
     if task == "two_hop":
         return _two_hop(d, split, num_docs, id_digits)
+    if task == "quote":
+        person = d.person()
+        fact = _filler(d, person)
+        docs, ids = _assemble(d, task, [fact], num_docs, id_digits)
+        return TaskExample(task, split, docs, f"Quote the document that mentions {person}.", fact, ((ids[0],),))
     kind = rng.choice(("number", "uuid"))
     noun = "number" if kind == "number" else "uuid"
     if task == "niah_multivalue":

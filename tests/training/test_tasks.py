@@ -8,12 +8,12 @@ import pytest
 from msa_cluster.model import protocol as P
 from msa_cluster.model.tokenizer import ByteTokenizer
 from msa_cluster.training.render import render
-from msa_cluster.training.tasks import TASKS, in_split, make_example
+from msa_cluster.training.tasks import TASKS, TRAINING_TASKS, in_split, make_example
 
 TOK = ByteTokenizer()
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TRAINING_TASKS)
 def test_examples_are_seeded_distinct_and_answerable(task):
     """Same (task, split, seed, index) -> same example; ids 0..N-1; no repeated document; gold docs hold the answer."""
     for i in range(20):
@@ -26,7 +26,7 @@ def test_examples_are_seeded_distinct_and_answerable(task):
     assert make_example(task, "train", 7, 0) != make_example(task, "train", 8, 0)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TRAINING_TASKS)
 def test_random_ids_are_distinct_ascending_and_keep_the_gold_documents(task):
     """id_digits=d: distinct ids of 1..d digits, ascending, short and long ones; the hops name the documents that hold the answer."""
     lengths = set()
@@ -45,6 +45,17 @@ def test_random_ids_are_distinct_ascending_and_keep_the_gold_documents(task):
         make_example(task, "train", 0, 0, num_docs=64, id_digits=1)
     with pytest.raises(ValueError, match="id_digits"):
         make_example(task, "train", 0, 0, id_digits=-1)
+
+
+def test_quote_answers_with_the_whole_text_of_the_one_document_naming_the_person():
+    """`quote`: one hop to the only document that mentions the asked person; the answer is its whole text."""
+    for i in range(30):
+        ex = make_example("quote", "eval", 5, i, num_docs=16, id_digits=6)
+        person = re.fullmatch(r"Quote the document that mentions (\w+ \w+)\.", ex.question).group(1)
+        holders = [d.doc_id for d in ex.documents if person in d.text]
+        assert ex.hops == ((holders[0],),) and len(holders) == 1
+        assert ex.answer == next(d.text for d in ex.documents if d.doc_id == holders[0])
+    assert "quote" not in TASKS  # a training aid: `msa eval` measures the RULER tasks and two_hop only
 
 
 def test_two_hop_second_document_is_only_reachable_through_the_first():
