@@ -13,11 +13,7 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _load_corpus(path: str | None) -> list[dict]:
-    if path is None:
-        from msa_cluster.cluster.demo import sample_corpus
-
-        return sample_corpus()
+def _load_corpus(path: str) -> list[dict]:
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -33,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole system on this machine over HTTP: local Ray, a store, the memory cluster, the Serve app."""
     from msa_cluster.cluster.demo import SAMPLE_QUESTIONS, run_demo
 
-    rows = _load_corpus(args.corpus)
+    rows = None if args.corpus is None else _load_corpus(args.corpus)  # None: the sample corpus, whose answers are known
     questions = args.question or (list(SAMPLE_QUESTIONS) if args.corpus is None else [SAMPLE_QUESTIONS[0]])
     return run_demo(args.model, questions, max_tokens=args.max_tokens, max_rounds=args.max_rounds, mode=args.mode,
                     keep=args.keep, corpus=rows)

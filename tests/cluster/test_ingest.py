@@ -18,7 +18,8 @@ from msa_cluster.types import MemoryFullError, QuotaExceededError
 from tests.cluster.ingest_helpers import MODEL, stored, texts, write_corpus
 from tests.storage_adapters.conftest import s3_server  # noqa: F401  (the session's moto server fixture)
 
-FAST = dict(encoder_cpus=0.5, progress_s=0.01)
+# commit_interval_s: commits by count only, so the counts asserted below hold on a loaded machine too
+FAST = dict(encoder_cpus=0.5, progress_s=0.01, commit_interval_s=3600.0)
 
 
 def _opts(**kw) -> IngestOptions:
@@ -71,6 +72,15 @@ def test_every_format_on_file_ingests_once_and_resumes_as_a_no_op(ingest, tmp_pa
     assert (again.inserted, again.skipped, again.commits) == (0, 9, 0)
     assert open_store(url).latest_version() == version
     assert open_store(url).verify().documents == 9
+
+
+def test_a_slow_source_is_committed_every_interval_not_only_every_count(ingest, tmp_path):
+    """commit_interval_s: with a count never reached, documents still land in commits of their own time."""
+    docs = texts(4, seed=5)
+    write_corpus(fsspec.filesystem("file"), f"{tmp_path}/src", "jsonl", docs)
+    summary = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/store", MODEL, _opts(commit_every=100, commit_interval_s=1e-6))
+    assert summary.inserted == 4 and summary.commits >= 2  # by count alone: one commit at the end
+    assert sorted(stored(open_store(f"file://{tmp_path}/store"), "acme").values()) == sorted(docs)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "text"])
