@@ -114,14 +114,18 @@ def test_train_config_errors_are_reported(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
 
 
-def test_example_config_is_valid():
-    """The shipped examples/train/msa-tiny.yaml validates."""
+def test_example_configs_are_valid_and_stage_2_continues_stage_1():
+    """The shipped examples/train configs validate; stage 2 resumes stage 1's run (same model, seed, directory), later."""
     from pathlib import Path
 
     from msa_cluster.training.config import load_config
 
-    cfg = load_config(Path(__file__).parents[2] / "examples" / "train" / "msa-tiny.yaml")
-    assert cfg.model.vocab_size == 1024 and cfg.model.num_layers == 6 and cfg.data.num_docs == 16
+    folder = Path(__file__).parents[2] / "examples" / "train"
+    one, two = load_config(folder / "msa-tiny.yaml"), load_config(folder / "msa-tiny-copy.yaml")
+    assert one.model.vocab_size == 1024 and one.model.num_layers == 6 and one.data.num_docs == 16
+    assert (two.model, two.seed, two.output_dir, two.data.num_docs, two.data.id_digits) == (
+        one.model, one.seed, one.output_dir, one.data.num_docs, one.data.id_digits)
+    assert two.steps > one.steps and "quote" in two.data.tasks and "quote" not in one.data.tasks
 
 
 def test_eval_writes_scores_and_names_bad_sizes(tmp_path, capsys):
