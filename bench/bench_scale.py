@@ -337,7 +337,8 @@ def measure(served: Served, name: str, reps: int) -> dict[str, Any]:
            "rss": served.rss(), "empty": served.empty, **med}
     c, w = med["cold"], med["warm"]
     print(f"  {shape.name} {name:>9} ({served.writer.tokens:,} tokens, C={chunks:,}; store written in {write_s:.0f} s, "
-          f"{row['write_GBps']:.2f} GB/s; loaded by the shards in {load_s:.1f} s; total {time.perf_counter() - t0:.0f} s)\n"
+          f"{row['write_GBps']:.2f} GB/s; loaded by the shards in {load_s:.1f} s; total {time.perf_counter() - t0:.0f} s; "
+          f"load average {os.getloadavg()[0]:.2f})\n"
           f"      warm: routing {w['routing']:9.1f} | K/V fetch {w['fetch']:7.1f} | fan-out {w['fanout']:7.1f} | total {w['total']:9.1f} ms"
           f" | tier hits/misses {w['tier hits']:.0f}/{w['tier misses']:.0f}, disk {w['disk MiB']:.1f} MiB\n"
           f"      cold: routing {c['routing']:9.1f} | K/V fetch {c['fetch']:7.1f} | fan-out {c['fanout']:7.1f} | total {c['total']:9.1f} ms"
@@ -356,41 +357,42 @@ def report(rows: list[dict[str, Any]]) -> None:
     shapes = {"MSA-4B": msa4b_shape(), "msa-tiny": tiny_shape()}
     print("\n[1] latency of one B=1 query over all routing layers (median ms; cold = store files evicted first)")
     print("| shape | memory | chunks | routing | K/V fetch warm | K/V fetch cold | fan-out warm | fan-out cold | total warm | total cold "
-          "| routing us/chunk/layer | fan-out per layer warm |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| routing us/chunk/layer | fan-out per layer warm | document-layers of K/V read |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         R = len(shapes[r["shape"]].layers)
         w, c = r["warm"], r["cold"]
         print(f"| {r['shape']} | {r['size']} | {r['chunks']:,} | {w['routing']:.1f} | {w['fetch']:.1f} | {c['fetch']:.1f} | "
               f"{w['fanout']:.1f} | {c['fanout']:.1f} | {w['total']:.1f} | {c['total']:.1f} | "
-              f"{1e3 * w['routing'] / r['chunks'] / R:.3f} | {w['fanout'] / R:.2f} |")  # fmt: skip
+              f"{1e3 * w['routing'] / r['chunks'] / R:.3f} | {w['fanout'] / R:.2f} | {w['tier misses']:.0f} |")  # fmt: skip
     print("\n[2] memory (GiB; VmRSS now / VmHWM peak, summed over the 4 processes of a kind) against theory")
     print("| shape | memory | router shards RSS | their peak | minus baseline | theory (router keys) | measured / theory "
-          "| B/token measured / theory | kv actors RSS | coordinator RSS | driver RSS / peak |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| B/token measured / theory | B/token since the previous size | kv actors RSS | coordinator RSS | driver RSS / peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    held: dict[str, tuple[int, int]] = {}  # shape -> (tokens, router shards' RSS) of its previous size
     for r in rows:
         shape = shapes[r["shape"]]
         rss, empty = r["rss"], r["empty"]
         routers = sum(p["rss"] for p in rss["router"])
         grown = routers - sum(p["rss"] for p in empty["router"])
         theory = r["chunks"] * shape.router_bytes_per_chunk
+        before = held.get(r["shape"])
+        step = "-" if before is None else f"{(routers - before[1]) / (r['tokens'] - before[0]):.1f}"
+        held[r["shape"]] = (r["tokens"], routers)
         print(f"| {r['shape']} | {r['size']} | {gib(routers)} | {gib(sum(p['hwm'] for p in rss['router']))} | {gib(grown)} | "
               f"{gib(theory)} (+{SHARDS} x {shape.kv_budget >> 10} KiB tier) | {grown / theory:.2f} | {grown / r['tokens']:.1f} / "
-              f"{theory / r['tokens']:.1f} | {gib(sum(p['rss'] for p in rss['kv']))} | {gib(rss['coordinator'][0]['rss'])} | "
+              f"{theory / r['tokens']:.1f} | {step} | {gib(sum(p['rss'] for p in rss['kv']))} | {gib(rss['coordinator'][0]['rss'])} | "
               f"{gib(rss['driver'][0]['rss'])} / {gib(rss['driver'][0]['hwm'])} |")  # fmt: skip
-    print("\n[3] ratios (against the smallest size of each shape measured in this run)")
+    print("\n[3] ratios, each size against the previous size of its shape (warm; linear routing: routing x = memory x)")
     for name in shapes:
         mine = [r for r in rows if r["shape"] == name]
-        if not mine:
-            continue
-        base = mine[0]
-        for r in mine:
-            grow = r["chunks"] / base["chunks"]
-            w = r["warm"]
-            print(f"  {name} {r['size']:>9}: memory x{grow:8.1f} | routing x{w['routing'] / base['warm']['routing']:8.2f} "
-                  f"(per chunk x{(w['routing'] / r['chunks']) / (base['warm']['routing'] / base['chunks']):.2f}) | "
-                  f"K/V fetch warm x{w['fetch'] / base['warm']['fetch']:.2f}, cold x{r['cold']['fetch'] / base['cold']['fetch']:.2f} | "
-                  f"fan-out warm x{w['fanout'] / base['warm']['fanout']:.2f} | routing share of total {w['routing'] / w['total']:.0%}")  # fmt: skip
+        for base, r in zip(mine, mine[1:]):
+            w, b = r["warm"], base["warm"]
+            print(f"  {name} {base['size']:>9} -> {r['size']:>9}: memory x{r['chunks'] / base['chunks']:6.1f} | "
+                  f"routing x{w['routing'] / b['routing']:6.2f} | K/V fetch warm x{w['fetch'] / b['fetch']:.2f}, "
+                  f"cold x{r['cold']['fetch'] / base['cold']['fetch']:.2f} (documents-layers read x{w['tier misses'] / b['tier misses']:.2f}) | "
+                  f"fan-out x{w['fanout'] / b['fanout']:.2f} | routing share of the total {b['routing'] / b['total']:.0%} -> "
+                  f"{w['routing'] / w['total']:.0%}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -403,7 +405,12 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp", help="where the stores go (deleted at the end)")
     ap.add_argument("--reps", type=int, default=None, help="cold+warm repeats per size (default 5, 3 from 10M tokens on)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--report", default=None, help="only print the tables of results written earlier with --json")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f))
+        return
     sizes = (args.sizes or (",".join(MSA4B_SIZES[:2]) if args.quick else ",".join(MSA4B_SIZES + TINY_SIZES))).split(",")
     unknown = set(sizes) - set(MSA4B_SIZES + TINY_SIZES)
     if unknown:
