@@ -390,7 +390,7 @@ def report(rows: list[dict[str, Any]]) -> None:
             w, b = r["warm"], base["warm"]
             print(f"  {name} {base['size']:>9} -> {r['size']:>9}: memory x{r['chunks'] / base['chunks']:6.1f} | "
                   f"routing x{w['routing'] / b['routing']:6.2f} | K/V fetch warm x{w['fetch'] / b['fetch']:.2f}, "
-                  f"cold x{r['cold']['fetch'] / base['cold']['fetch']:.2f} (documents-layers read x{w['tier misses'] / b['tier misses']:.2f}) | "
+                  f"cold x{r['cold']['fetch'] / base['cold']['fetch']:.2f} (document-layers read {b['tier misses']:.0f} -> {w['tier misses']:.0f}) | "
                   f"fan-out x{w['fanout'] / b['fanout']:.2f} | routing share of the total {b['routing'] / b['total']:.0%} -> "
                   f"{w['routing'] / w['total']:.0%}")  # fmt: skip
 
