@@ -32,8 +32,8 @@ plus the K/V tier budgets. RSS is read from /proc/<pid>/status (VmRSS now, VmHWM
 actor process and the driver; "measured B/token" = (router shards' VmRSS - their VmRSS with one
 document loaded and one query served) / tokens.
 
-    python bench/bench_scale.py                       # all sizes (~40-60 min on 2 shared cores)
-    python bench/bench_scale.py --quick               # 16K and 1M at MSA-4B shape (~3 min)
+    python bench/bench_scale.py                       # all sizes (~7 min on 2 shared cores, 17 GB of disk at most)
+    python bench/bench_scale.py --quick               # 16K and 1M at MSA-4B shape (~1.5 min)
     python bench/bench_scale.py --sizes tiny-100M     # any subset, run in pieces
 
 Legend: B query rows, T routing tokens, H heads, Hkv kv heads, D head dim, R routing layers, C chunks.
