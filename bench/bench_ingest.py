@@ -146,7 +146,8 @@ def rotated(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, list[fl
     """Each fn returns its own seconds; one warm-up each, then `reps` rounds in rotating order."""
     for fn in fns.values():
         fn()
-    names, out = list(fns), {n: [] for n in fns}
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(reps):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             out[n].append(fns[n]())
@@ -228,7 +229,7 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset progress lines between ours
     rows = corpus(args.docs, args.max_tokens, seed=0)
     tmp = tempfile.mkdtemp(prefix="bench-ingest-")
-    ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level=logging.ERROR,
              namespace="msa-bench")
     try:
         print("\n[1] the encode step against the plain forward, inside one encoder actor (median of rotated repeats)")

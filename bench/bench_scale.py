@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -425,7 +426,7 @@ def main() -> None:
             print("  " + shape.describe())
     tmp = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
     rows: list[dict[str, Any]] = []
-    ray.init(address="local", num_cpus=8, object_store_memory=2 << 30, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=8, object_store_memory=2 << 30, include_dashboard=False, logging_level=logging.ERROR,
              namespace="msa-bench")
     try:
         for shape, names in groups:
