@@ -1,8 +1,9 @@
-"""What the kernel benchmarks share: interleaved timing and loading a module from git history."""
+"""What the benchmarks share: interleaved timing, loading a module from git history, dropping files from the page cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -43,3 +44,17 @@ def module_from_git(commit: str, path: str, name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while a class is built
     spec.loader.exec_module(module)
     return module
+
+
+def evict_files(root: str) -> int:
+    """Drop every file under `root` from the page cache (posix_fadvise DONTNEED); returns the file count."""
+    n = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            n += 1
+    return n
