@@ -145,10 +145,22 @@ class RouterShard:
     def _load(self, snap: StoreSnapshot, ids: list[int], epoch: int) -> None:
         if not ids:
             return
-        rk = snap.router_keys(ids, tenant=ALL_TENANTS)  # one bulk read
-        bounds = rk.doc_offsets.tolist()
-        docs = [(doc_id, rk.tenants[n], rk.keys[:, bounds[n] : bounds[n + 1]]) for n, doc_id in enumerate(rk.doc_ids.tolist())]
-        self._add(docs, snap.version, epoch)
+        by_tenant: dict[str, list[int]] = {}
+        for d in ids:
+            by_tenant.setdefault(snap.info(d, tenant=ALL_TENANTS).tenant, []).append(d)
+        for tenant, mine in by_tenant.items():
+            rk = snap.router_keys(mine, tenant=ALL_TENANTS)  # one bulk read per tenant
+            counts = rk.doc_offsets.diff().tolist()
+            if tenant not in self._arenas:  # a fresh arena takes the bulk read as its storage: the keys are held once
+                arena = self._arenas[tenant] = self._new_arena()
+                arena.adopt(rk.keys, list(zip(rk.doc_ids.tolist(), counts)), version=snap.version, epoch=epoch)
+                self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
+                self._tenant_of.update((d, tenant) for d in rk.doc_ids.tolist())
+            else:
+                bounds = rk.doc_offsets.tolist()
+                self._add([(d, tenant, rk.keys[:, bounds[n] : bounds[n + 1]]) for n, d in enumerate(rk.doc_ids.tolist())],
+                          snap.version, epoch)
+            del rk
 
     def apply(self, version: int, *, added: Sequence[tuple[int, str, torch.Tensor]] = (), removed: Sequence[int] = (),
               epoch: int | None = None) -> ShardState:
@@ -182,11 +194,15 @@ class RouterShard:
         for tenant, mine in by_tenant.items():
             arena = self._arenas.get(tenant)
             if arena is None:
-                arena = self._arenas[tenant] = RouterArena(self.routing_layers, device=self.device)
-                arena.raise_floor(self._floor)
+                arena = self._arenas[tenant] = self._new_arena()
             arena.append(mine, version=version, epoch=epoch, now=time.monotonic())  # a replaced entry keeps its grace period
             self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
             self._tenant_of.update((d, tenant) for d, _ in mine)
+
+    def _new_arena(self) -> RouterArena:
+        arena = RouterArena(self.routing_layers, device=self.device)
+        arena.raise_floor(self._floor)
+        return arena
 
     def _reserve(self, snap: StoreSnapshot, ids: list[int], freed: int) -> None:
         """Refuse (MemoryFullError, nothing changed) when `ids` do not fit beside what stays held."""

@@ -110,11 +110,33 @@ class RouterArena:
         self.remove([d for d, _ in docs if d in self._live], version=version, now=now)
         self._derived = {}
         self._grow_keys(sum(int(k.shape[1]) for _, k in docs), docs[0][1] if docs else None)
-        for j, (doc_id, keys) in enumerate(docs):
+        for _, keys in docs:
             assert self._keys is not None
             c = int(keys.shape[1])
             self._keys[:, self._used : self._used + c] = keys.to(self.device, self._keys.dtype)
             self._used += c
+        self._add_entries([(d, int(k.shape[1])) for d, k in docs], version, epoch, payloads)
+
+    def adopt(self, keys: torch.Tensor, docs: Sequence[tuple[int, int]], *, version: int, epoch: int = 0) -> None:
+        """Fill an empty arena with `keys` [R, C, Hkv, D] as its storage, without a copy on its device:
+        documents [(doc_id, chunks)] lie in it back to back, in order (what a shard's bulk load reads).
+
+        A 10M-token load at MSA-4B shape holds 5.4 GiB of keys; `append` would hold them twice.
+        """
+        if self._keys is not None or self._n:
+            raise ValueError("adopt fills an empty arena only; use append")
+        if keys.dim() != 4 or keys.shape[0] != len(self.routing_layers) or sum(c for _, c in docs) != keys.shape[1]:
+            raise ValueError(f"router keys of shape {tuple(keys.shape)} do not hold the {sum(c for _, c in docs)} chunks of "
+                             f"{len(docs)} documents in R={len(self.routing_layers)} layers")
+        if any(c < 1 for _, c in docs) or len({d for d, _ in docs}) != len(docs):
+            raise ValueError("adopt needs distinct documents of at least one chunk each")
+        self._derived = {}
+        self._keys, self._used = keys.to(self.device).contiguous(), int(keys.shape[1])
+        self._add_entries(docs, version, epoch, None)
+
+    def _add_entries(self, docs: Sequence[tuple[int, int]], version: int, epoch: int, payloads: Sequence[Any] | None) -> None:
+        """Entries for documents [(doc_id, chunks)] whose keys were just placed at the end of the storage."""
+        for j, (doc_id, c) in enumerate(docs):
             i = self._new_entry(int(doc_id), c, version, epoch, None if payloads is None else payloads[j])
             self._live[int(doc_id)] = i
             self._history.setdefault(int(doc_id), []).append(i)
@@ -244,8 +266,9 @@ class RouterArena:
             raise ValueError(f"router keys [.., Hkv, D] = {tuple(sample.shape[2:])} do not match the arena's "
                              f"{tuple(self._keys.shape[2:])}")
         need = self._used + extra
-        if need > self._keys.shape[1]:
-            grown = self._keys.new_empty(self._keys.shape[0], max(need, 2 * self._keys.shape[1], 1024), *self._keys.shape[2:])
+        if need > self._keys.shape[1]:  # by a quarter, not double: at 10M tokens of MSA-4B keys, doubling would add 5.4 GiB
+            cap = self._keys.shape[1]
+            grown = self._keys.new_empty(self._keys.shape[0], max(need, cap + cap // 4, 1024), *self._keys.shape[2:])
             grown[:, : self._used] = self._keys[:, : self._used]
             self._keys = grown
 
