@@ -42,7 +42,8 @@ def _stages(specs: list[str], step: int) -> list[tuple[Path, int]]:
     """[(config, last step)] from PATH[:STEP] arguments; the last stage ends at the checkpoint's step."""
     out = []
     for i, spec in enumerate(specs):
-        path, _, until = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        head, _, tail = spec.rpartition(":")
+        path, until = (head, tail) if head and tail.isdigit() else (spec, "")
         last = i == len(specs) - 1
         if not last and not until:
             raise SystemExit(f"--config {spec}: every stage but the last needs :LAST_STEP")

@@ -147,20 +147,17 @@ class RouterShard:
             return
         by_tenant: dict[str, list[int]] = {}
         for d in ids:
-            by_tenant.setdefault(snap.info(d, tenant=ALL_TENANTS).tenant, []).append(d)
+            by_tenant.setdefault(snap.tenant_of(d), []).append(d)
         for tenant, mine in by_tenant.items():
             rk = snap.router_keys(mine, tenant=ALL_TENANTS)  # one bulk read per tenant
-            counts = rk.doc_offsets.diff().tolist()
-            if tenant not in self._arenas:  # a fresh arena takes the bulk read as its storage: the keys are held once
-                arena = self._arenas[tenant] = self._new_arena()
-                arena.adopt(rk.keys, list(zip(rk.doc_ids.tolist(), counts)), version=snap.version, epoch=epoch)
-                self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
-                self._tenant_of.update((d, tenant) for d in rk.doc_ids.tolist())
-            else:
+            doc_ids = rk.doc_ids.tolist()
+            if tenant in self._arenas:
                 bounds = rk.doc_offsets.tolist()
-                self._add([(d, tenant, rk.keys[:, bounds[n] : bounds[n + 1]]) for n, d in enumerate(rk.doc_ids.tolist())],
-                          snap.version, epoch)
-            del rk
+                self._add([(d, tenant, rk.keys[:, bounds[n] : bounds[n + 1]]) for n, d in enumerate(doc_ids)], snap.version, epoch)
+            else:  # a fresh arena takes the bulk read as its storage: the keys are held once
+                arena = self._arenas[tenant] = self._new_arena()
+                arena.adopt(rk.keys, list(zip(doc_ids, rk.doc_offsets.diff().tolist())), version=snap.version, epoch=epoch)
+                self._held(tenant, doc_ids, arena)
 
     def apply(self, version: int, *, added: Sequence[tuple[int, str, torch.Tensor]] = (), removed: Sequence[int] = (),
               epoch: int | None = None) -> ShardState:
@@ -196,8 +193,12 @@ class RouterShard:
             if arena is None:
                 arena = self._arenas[tenant] = self._new_arena()
             arena.append(mine, version=version, epoch=epoch, now=time.monotonic())  # a replaced entry keeps its grace period
-            self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
-            self._tenant_of.update((d, tenant) for d, _ in mine)
+            self._held(tenant, [d for d, _ in mine], arena)
+
+    def _held(self, tenant: str, doc_ids: Sequence[int], arena: RouterArena) -> None:
+        """Bookkeeping after `doc_ids` of `tenant` went into `arena`."""
+        self._chunk_bytes = self._chunk_bytes or arena.chunk_bytes
+        self._tenant_of.update((d, tenant) for d in doc_ids)
 
     def _new_arena(self) -> RouterArena:
         arena = RouterArena(self.routing_layers, device=self.device)

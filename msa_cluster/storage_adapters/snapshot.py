@@ -364,6 +364,10 @@ class StoreSnapshot:
                 self._usage = cached = out
         return dict(cached)
 
+    def tenant_of(self, doc_id: int) -> str:
+        """The tenant of a live document (UnknownDocumentError if none): `info(...).tenant` without building the info."""
+        return self._row(doc_id, ALL_TENANTS)[2].tenant
+
     def info(self, doc_id: int, tenant: TenantScope) -> DocInfo:
         seg, _, row = self._row(doc_id, tenant)
         return DocInfo(
