@@ -48,15 +48,19 @@ class InterleaveConfig:
     max_round_tokens: int = 64
     max_answer_tokens: int = 256
     # "routed": a round may name only documents its routing layers selected (the only ones whose
-    # memory the model saw in that round), so an id is never made up; "free": any id, as the reference.
-    named_ids: Literal["routed", "free"] = "routed"
+    # memory the model saw in that round), so an id is never made up; "best": only the
+    # `best_per_layer` best documents of each routing layer not read in an earlier round (the
+    # model's own router decides what is worth reading, the LM whether and which of those);
+    # "free": any id, as the reference.
+    named_ids: Literal["routed", "best", "free"] = "routed"
+    best_per_layer: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if self.named_ids not in ("routed", "free"):
-            raise ValueError(f"named_ids must be 'routed' or 'free', got {self.named_ids!r}")
-        for name in ("max_rounds", "max_context_tokens", "max_round_tokens", "max_answer_tokens"):
+        if self.named_ids not in ("routed", "best", "free"):
+            raise ValueError(f"named_ids must be 'routed', 'best' or 'free', got {self.named_ids!r}")
+        for name in ("max_rounds", "max_context_tokens", "max_round_tokens", "max_answer_tokens", "best_per_layer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -183,9 +187,8 @@ class _Interleave:
         if eor:
             gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops)
             stop = lambda toks: toks[-len(eor_ids) :] == eor_ids
-            if self.cfg.named_ids == "routed":
-                routed = {str(i) for ids in pre.selected.values() for i in ids}
-                processor = RoutedIds(self.codec, routed, self.processor)
+            if self.cfg.named_ids != "free":
+                processor = RoutedIds(self.codec, self._nameable(pre), self.processor)
         else:
             s = self.sampling
             gen_cfg = GenerationConfig(max_new_tokens=limit, stop_token_ids=stops, temperature=s.temperature,
@@ -197,6 +200,14 @@ class _Interleave:
         self.decode_s += time.perf_counter() - t0
         self.generated += len(toks)
         return toks, why == "stop"
+
+    def _nameable(self, pre: PrefillOutput) -> set[str]:
+        """The ids this round may name: every routed one, or each routing layer's best unread ones."""
+        if self.cfg.named_ids == "routed":
+            return {str(i) for ids in pre.selected.values() for i in ids}
+        read = {i for trace in self.rounds for i in trace.read}
+        n = self.cfg.best_per_layer
+        return {str(i) for ids in pre.selected.values() for i in [i for i in ids if i not in read][:n]}
 
     def _read(self, trace: RoundTrace) -> bool:
         """Append the named documents' texts that fit; False when some were visible but none fit."""

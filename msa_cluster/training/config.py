@@ -51,6 +51,9 @@ class DataSpec(_Strict):
     id_digits: int = Field(0, ge=0, le=12, description="0: ids 0..num_docs-1; d: distinct random ids of 1..d digits, "
                            "so the model learns to read ids from memory of any size (training/tasks.py)")
     one_round_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of examples in one-round (baseline) form")
+    question_block_target: bool = Field(
+        False, description="also train on the question block after <End-of-Retrieve>: inference feeds it, but "
+        "predicting it (a copy of the question) gives every example copying to learn, which the answers need")
     eval_examples: int = Field(16, ge=0, le=10000, description="held-out eval-split examples scored at each eval")
     tokenizer_examples: int = Field(2000, ge=10, le=100000, description="training-split examples the BPE is trained on")
 
@@ -71,6 +74,10 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the main phase")
     warmup_lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of the warm-up phase (default: lr)")
     warmup_steps: int = Field(100, ge=0, description="steps weighted toward the routing loss (0.1 LM + 1.0 aux)")
+    lr_decay: Literal["constant", "cosine"] = Field(
+        "constant", description="main-phase schedule: constant lr, or cosine from lr at decay_from to min_lr at `steps`")
+    decay_from: int | None = Field(None, ge=0, description="step the cosine decay starts at (default: warmup_steps)")
+    min_lr: float = Field(0.0, ge=0, le=1.0, description="learning rate the cosine decay ends at")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     device: Literal["cpu", "cuda"] = Field("cpu", description="device class; determinism holds per device class")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -32,7 +33,7 @@ from msa_cluster.training.config import ModelSpec, TrainConfig
 from msa_cluster.training.render import Mode, render
 from msa_cluster.training.tasks import make_example
 
-__all__ = ["train", "model_config", "tie_router_init", "training_batch", "evaluate", "TrainResult", "RECALL_KS"]
+__all__ = ["train", "model_config", "tie_router_init", "training_batch", "learning_rate", "evaluate", "TrainResult", "RECALL_KS"]
 
 log = logging.getLogger(__name__)
 RECALL_KS = (1, 5)
@@ -90,14 +91,25 @@ def training_batch(cfg: TrainConfig, codec: BPECodec, step: int, split: str = "t
         rng = random.Random(f"mix/{split}/{cfg.seed}/{index}")
         task = rng.choices(names, weights)[0]
         mode: Mode = "one_round" if rng.random() < cfg.data.one_round_fraction else "interleave"
-        out.append(render(make_example(task, split, cfg.seed, index, cfg.data.num_docs, cfg.data.id_digits), codec, mode))
+        out.append(render(make_example(task, split, cfg.seed, index, cfg.data.num_docs, cfg.data.id_digits), codec, mode, cfg.data.question_block_target))
     return out
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The main phase's learning rate at 0-based `step`: `lr`, or its cosine decay to `min_lr` from
+    `decay_from` (default: the end of the warm-up) to the last step. A pure function of the step, so a
+    resumed run follows the same schedule."""
+    start = cfg.warmup_steps if cfg.decay_from is None else cfg.decay_from
+    if cfg.lr_decay == "constant" or step < start:
+        return cfg.lr
+    frac = min(1.0, (step - start) / max(1, cfg.steps - 1 - start))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * frac))
 
 
 def _step(model: MSAForCausalLM, opt: torch.optim.Optimizer, batch: list[Example], step: int, cfg: TrainConfig) -> dict[str, Any]:
     """One optimizer step; the LM loss is a mean over the batch's target tokens, the routing loss over examples."""
     w = phase_weights(step, cfg.warmup_steps)
-    lr = cfg.warmup_lr if (w.phase == "warmup" and cfg.warmup_lr is not None) else cfg.lr
+    lr = cfg.warmup_lr if (w.phase == "warmup" and cfg.warmup_lr is not None) else learning_rate(cfg, step)
     for group in opt.param_groups:
         group["lr"] = lr
     targets = max(1, sum(sum(t.target) for ex in batch for t in ex.turns))
@@ -203,7 +215,8 @@ def _deterministic_cuda() -> None:
 
 
 def _eval_example(cfg: TrainConfig, codec: BPECodec, i: int) -> list[Example]:
-    """Held-out example i: the eval split (disjoint entities and values), interleave form."""
+    """Held-out example i: the eval split (disjoint entities and values), interleave form; its loss counts the
+    ids and answers only (never the question block), so runs with and without `question_block_target` compare."""
     task = list(cfg.data.tasks)[i % len(cfg.data.tasks)]
     return [render(make_example(task, "eval", cfg.seed, i, cfg.data.num_docs, cfg.data.id_digits), codec, "interleave")]
 

@@ -34,8 +34,12 @@ def _turn(tr: P.Transcript, targets: list[tuple[list[int], bool]], positives: tu
     return Turn(ids, routing, target, positives, ignored=tuple(d for d in read if d not in positives))
 
 
-def render(example: TaskExample, codec: Codec, mode: Mode = "interleave") -> Example:
-    """The training example of `example`: its documents encoded, and one turn per retrieval step."""
+def render(example: TaskExample, codec: Codec, mode: Mode = "interleave", question_block_target: bool = False) -> Example:
+    """The training example of `example`: its documents encoded, and one turn per retrieval step.
+
+    `question_block_target` makes the question block a target too. Inference feeds it, so the model
+    never has to write it; predicting it anyway (it repeats the question) is copying on every example.
+    """
     docs = [P.encode_document(codec, d.doc_id, d.text) for d in example.documents]
     doc_ids = [d.doc_id for d in example.documents]
     texts = {d.doc_id: d.text for d in example.documents}
@@ -44,7 +48,7 @@ def render(example: TaskExample, codec: Codec, mode: Mode = "interleave") -> Exa
     eor, block = P.end_of_retrieve(codec), P.question_block(codec, example.question)
     answer = P.answer_output(codec, example.answer)
     if mode == "one_round":
-        turn = _turn(tr, [(eor, False), (block, False), (answer, True)], example.gold)
+        turn = _turn(tr, [(eor, False), (block, question_block_target), (answer, True)], example.gold)
         return Example(docs, doc_ids, [turn])
     if mode != "interleave":
         raise ValueError(f"mode must be 'interleave' or 'one_round', got {mode!r}")
@@ -59,5 +63,5 @@ def render(example: TaskExample, codec: Codec, mode: Mode = "interleave") -> Exa
         for doc_id in sorted(hop):
             tr.add(P.read_text(codec, doc_id, texts[doc_id]), routing=True)
         tr.add([codec.token_id(P.DOC_END)])
-    turns.append(_turn(tr, [(eor, True), (block, False), (answer, True)], example.hops[-1], read))
+    turns.append(_turn(tr, [(eor, True), (block, question_block_target), (answer, True)], example.hops[-1], read))
     return Example(docs, doc_ids, turns)

@@ -105,6 +105,40 @@ def test_routed_ids_only_lets_a_round_name_what_it_routed(model, memory):
         InterleaveConfig(named_ids="any")  # type: ignore[arg-type]
 
 
+class Eager:
+    """A scripted model that opens `rounds` retrieval rounds, pushing for id 99 in each (the grammar decides
+    what it can write), then answers "x"."""
+
+    def __init__(self, rounds: int):
+        self.rounds, self.done, self.tail = rounds, 0, EOR + ANS("x")
+
+    def __call__(self, generated, logits):
+        text = TOK.decode(list(generated))
+        if self.done < self.rounds:
+            want = TOK.token_id(P.DOC_END) if text.endswith("]") else TOK.encode("[" if not text else "9")[0]
+            self.done += want == TOK.token_id(P.DOC_END)
+        else:
+            want = self.tail.pop(0) if self.tail else TOK.token_id(P.IM_END)
+        forced = torch.full_like(logits, -1e9)
+        forced[want] = 0.0
+        return forced
+
+
+def test_best_named_ids_reads_each_layers_best_unread_documents(model, memory):
+    """named_ids='best': a round can name only each routing layer's best document not read before, so a
+    model pushing for 99 reads the router's first choices, then the next best ones in the next round."""
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=2, named_ids="best"), processor=Eager(2), tenant="a")
+    first, second = res.rounds[0], res.rounds[1]
+    assert res.answer == "x" and first.read and set(first.read) <= {ids[0] for ids in first.selected.values()}
+    unread = {next(d for d in ids if d not in first.read) for ids in second.selected.values()}
+    assert second.read and set(second.read) <= unread and not set(second.read) & set(first.read)
+    two = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=1, named_ids="best", best_per_layer=2),
+                             processor=Eager(1), tenant="a")  # fmt: skip
+    assert two.rounds[0].read and set(two.rounds[0].read) <= {d for ids in two.rounds[0].selected.values() for d in ids[:2]}
+    with pytest.raises(ValueError, match="best_per_layer"):
+        InterleaveConfig(named_ids="best", best_per_layer=0)
+
+
 def test_max_rounds_is_enforced(model, memory):
     """A model that names documents for ever is stopped after max_rounds and made to answer."""
     script = Script(*[IDS(1)] * 10)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from msa_cluster.model import MSAForCausalLM
 from msa_cluster.model.tokenizer import load_codec
 from msa_cluster.training.config import TrainConfig
-from msa_cluster.training.loop import train
+from msa_cluster.training.loop import learning_rate, train
 
 
 def _weights(result):
@@ -96,3 +96,21 @@ def test_tied_router_init_copies_kv_heads_into_query_heads():
     tie_router_init(model)
     for h in range(4):
         assert wq[h * 8 : (h + 1) * 8].equal(wk[(h // 2) * 8 : (h // 2 + 1) * 8])
+
+
+def test_cosine_decay_schedule_and_resume(tiny_config):
+    """lr_decay=cosine holds lr through the warm-up and decay_from, then falls to min_lr at the last step;
+    the metrics log it, and a resumed run with the schedule still equals a straight one."""
+    cfg = tiny_config(lr_decay="cosine", decay_from=15, min_lr=1e-4, log_every=1)
+    lrs = [learning_rate(cfg, s) for s in range(cfg.steps)]
+    assert lrs[:16] == [cfg.lr] * 16 and lrs[-1] == pytest.approx(1e-4) and lrs[19] == pytest.approx((cfg.lr + 1e-4) / 2)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(tiny_config(), 23) == tiny_config().lr  # the default stays constant
+    straight = train(cfg)
+    logged = [json.loads(line)["lr"] for line in (straight.checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
+    assert logged[12:] == lrs[12:]  # the warm-up phase logs warmup_lr's default, lr
+    train(tiny_config("resumed", steps=12, lr_decay="cosine", decay_from=15, min_lr=1e-4))
+    resumed = train(tiny_config("resumed", lr_decay="cosine", decay_from=15, min_lr=1e-4), resume=True)
+    assert _same(_weights(straight), _weights(resumed))
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig.model_validate({"lr_decay": "linear"})

@@ -112,3 +112,16 @@ def test_rendered_turns_follow_the_interleave_protocol():
     (one,) = render(ex, TOK, "one_round").turns
     assert TOK.decode([i for i, t in zip(one.ids, one.target) if t]) == f"The answer to the question is: {ex.answer}<|im_end|>"
     assert TOK.decode(one.ids).endswith(TOK.decode(P.question_block(TOK, ex.question) + P.answer_output(TOK, ex.answer)))
+
+
+def test_question_block_target_adds_the_fed_question_block_to_the_targets():
+    """With question_block_target the block inference feeds after <End-of-Retrieve> becomes a target, in both
+    modes; the ids, the routing flags and the other targets are unchanged."""
+    ex = make_example("niah_single", "train", 0, 3)
+    block = TOK.decode(P.question_block(TOK, ex.question))
+    for mode in ("interleave", "one_round"):
+        plain, copy = render(ex, TOK, mode).turns, render(ex, TOK, mode, question_block_target=True).turns
+        assert [t.ids for t in plain] == [t.ids for t in copy] and [t.routing for t in plain] == [t.routing for t in copy]
+        assert [t.target for t in plain[:-1]] == [t.target for t in copy[:-1]]
+        added = [i for i, a, b in zip(copy[-1].ids, plain[-1].target, copy[-1].target) if b and not a]
+        assert TOK.decode(added) == block and block.startswith("<|im_start|>The user's question is:")
