@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="in-process memory, or a local Ray memory cluster (store + coordinator + shards)")
     ev.add_argument("--shards", type=int, default=2, help="shard pairs of the Ray backend (default 2)")
     ev.add_argument("--max-answer-tokens", type=int, default=128, help="answer token limit (default 128)")
-    ev.add_argument("--named-ids", choices=["routed", "best", "free"], default="routed",
-                    help="routed: a round names only documents it routed (default); best: only each routing layer's "
-                         "best unread document; free: any id, as the reference")
+    ev.add_argument("--named-ids", choices=["routed", "best", "free"], default="best",
+                    help="best: a round names only each routing layer's best unread document (default); routed: any "
+                         "document it routed; free: any id, as the reference")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ev.add_argument("--out", help="write every score and per-example record as JSON here")
     ev.set_defaults(func=cmd_eval)

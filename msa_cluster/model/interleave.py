@@ -52,7 +52,9 @@ class InterleaveConfig:
     # `best_per_layer` best documents of each routing layer not read in an earlier round (the
     # model's own router decides what is worth reading, the LM whether and which of those);
     # "free": any id, as the reference.
-    named_ids: Literal["routed", "best", "free"] = "routed"
+    # "best" is the default: msa-tiny's router ranks the gold document first where its LM, free to
+    # choose among every routed id, picks it by chance (EVALUATION.md).
+    named_ids: Literal["routed", "best", "free"] = "best"
     best_per_layer: int = 1
 
     def __post_init__(self) -> None:

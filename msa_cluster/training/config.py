@@ -75,8 +75,10 @@ class TrainConfig(_Strict):
     warmup_lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of the warm-up phase (default: lr)")
     warmup_steps: int = Field(100, ge=0, description="steps weighted toward the routing loss (0.1 LM + 1.0 aux)")
     lr_decay: Literal["constant", "cosine"] = Field(
-        "constant", description="main-phase schedule: constant lr, or cosine from lr at decay_from to min_lr at `steps`")
+        "constant", description="main-phase schedule: constant lr, or cosine from lr at decay_from to min_lr at decay_to")
     decay_from: int | None = Field(None, ge=0, description="step the cosine decay starts at (default: warmup_steps)")
+    decay_to: int | None = Field(None, ge=1, description="step the cosine decay ends at (default: steps); set it so "
+                                 "that a run stopped early (--steps N) follows the same schedule as the full one")
     min_lr: float = Field(0.0, ge=0, le=1.0, description="learning rate the cosine decay ends at")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")

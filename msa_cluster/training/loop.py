@@ -97,12 +97,13 @@ def training_batch(cfg: TrainConfig, codec: BPECodec, step: int, split: str = "t
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """The main phase's learning rate at 0-based `step`: `lr`, or its cosine decay to `min_lr` from
-    `decay_from` (default: the end of the warm-up) to the last step. A pure function of the step, so a
-    resumed run follows the same schedule."""
+    `decay_from` (default: the end of the warm-up) to `decay_to` (default: the last step). A pure
+    function of the step, so a resumed run follows the same schedule."""
     start = cfg.warmup_steps if cfg.decay_from is None else cfg.decay_from
+    end = cfg.steps if cfg.decay_to is None else cfg.decay_to
     if cfg.lr_decay == "constant" or step < start:
         return cfg.lr
-    frac = min(1.0, (step - start) / max(1, cfg.steps - 1 - start))
+    frac = min(1.0, (step - start) / max(1, end - 1 - start))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * frac))
 
 

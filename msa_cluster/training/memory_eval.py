@@ -127,7 +127,7 @@ class SweepConfig:
     num_docs: int = 16  # each example's own haystack
     max_rounds: int = 3
     max_answer_tokens: int = 128
-    named_ids: Literal["routed", "best", "free"] = "routed"  # InterleaveConfig.named_ids
+    named_ids: Literal["routed", "best", "free"] = "best"  # InterleaveConfig.named_ids
     encode_batch_docs: int = 4096  # background documents encoded (and added) per batch
 
     def __post_init__(self) -> None:

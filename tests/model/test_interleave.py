@@ -65,7 +65,7 @@ def test_two_hop_protocol(model, memory):
     """Round 1 names [2], round 2 names [0], then the answer: texts appended, routing on the newest texts."""
     script = Script(IDS(2), IDS(0), EOR, ANS("42"))
     rec = Recorder(memory.snapshot("a"))
-    res = answer_with_memory(model, TOK, rec, "what is it?", InterleaveConfig(max_round_tokens=32), processor=script)
+    res = answer_with_memory(model, TOK, rec, "what is it?", InterleaveConfig(max_round_tokens=32, named_ids="routed"), processor=script)
     assert res.answer == "42" and res.finish_reason == "answered"
     assert [(c.doc_id, c.round) for c in res.citations] == [(2, 1), (0, 2)]
     assert [r.read for r in res.rounds] == [[2], [0], []]
@@ -91,10 +91,10 @@ def test_other_tenant_and_unknown_ids_are_not_appended(model, memory):
 
 
 def test_routed_ids_only_lets_a_round_name_what_it_routed(model, memory):
-    """By default a round can write only ids its routing layers selected: a model pushing for 99 and 3
+    """named_ids='routed': a round can write only ids its routing layers selected: a model pushing for 99 and 3
     (no document, another tenant's) names routed documents instead, and closes the round after a whole id."""
-    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=1), processor=Script(IDS(99, 3), EOR, ANS("x")),
-                             tenant="a")  # fmt: skip
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_rounds=1, named_ids="routed"),
+                             processor=Script(IDS(99, 3), EOR, ANS("x")), tenant="a")  # fmt: skip
     first = res.rounds[0]
     routed = {d for ids in first.selected.values() for d in ids}
     assert first.named and set(first.named) <= routed and 3 not in first.named and 99 not in first.named
@@ -157,7 +157,7 @@ def test_context_budget_is_enforced(model, memory):
     prompt_len = len(P.first_prompt(TOK, "q"))
     generated = len(IDS(0, 1))
     budget = prompt_len + generated + len(TOK.encode("[0]. alpha facts\n")) + 1  # room for doc 0 only
-    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=budget), processor=script, tenant="a")
+    res = answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=budget, named_ids="routed"), processor=script, tenant="a")
     assert res.rounds[0].read == [0]
     with pytest.raises(ValueError, match="max_context_tokens"):
         answer_with_memory(model, TOK, memory, "q", InterleaveConfig(max_context_tokens=10), processor=script)

@@ -106,6 +106,8 @@ def test_cosine_decay_schedule_and_resume(tiny_config):
     assert lrs[:16] == [cfg.lr] * 16 and lrs[-1] == pytest.approx(1e-4) and lrs[19] == pytest.approx((cfg.lr + 1e-4) / 2)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert learning_rate(tiny_config(), 23) == tiny_config().lr  # the default stays constant
+    early = tiny_config(steps=20, lr_decay="cosine", decay_from=15, decay_to=24, min_lr=1e-4)
+    assert [learning_rate(early, s) for s in range(20)] == lrs[:20]  # decay_to: stopping early keeps the schedule
     straight = train(cfg)
     logged = [json.loads(line)["lr"] for line in (straight.checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     assert logged[12:] == lrs[12:]  # the warm-up phase logs warmup_lr's default, lr
