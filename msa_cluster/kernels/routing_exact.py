@@ -50,7 +50,7 @@ from msa_cluster.kernels.routing import (
 )
 from msa_cluster.types import RoutingQuery, ScoredDoc
 
-__all__ = ["route_top_k"]
+__all__ = ["route_top_k", "one_torch_thread"]
 
 _TILES_PER_WORKER = 4
 _MIN_TILE_FLOP = 1 << 26  # a tile's GEMM at least this big (~1 ms here): its bookkeeping (~0.2 ms) stays small
@@ -113,7 +113,7 @@ _threads_saved = 1
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> Iterator[None]:
     """torch runs single-threaded inside (restored by the last of overlapping callers): the
     workers own the cores. Two-thread torch GEMMs on tiles this small stall whenever one of their
     threads is descheduled (measured in bench/bench_routing.py on a loaded machine)."""
@@ -155,7 +155,7 @@ def _stream_max(query: RoutingQuery, router_keys: torch.Tensor, offsets: torch.T
     # at least 4 tiles per worker: the queue then absorbs a descheduled worker (it takes fewer
     # tiles); with fewer tiles the call would wait for it, so one thread does them all
     workers = max(1, min(workers, -(-C // tile) // _TILES_PER_WORKER))
-    with _one_torch_thread():  # never torch's own threads: their barriers stall under load
+    with one_torch_thread():  # never torch's own threads: their barriers stall under load
         if workers == 1:
             return run()
         with ThreadPoolExecutor(workers) as pool:
@@ -319,7 +319,7 @@ def route_top_k(query: RoutingQuery, router_keys: torch.Tensor, doc_offsets: tor
         scores = best.scatter_reduce(0, inverse, exact, reduce="amax")
         doc_rows, doc_idx = key // N, key % N
     else:
-        with _one_torch_thread():
+        with one_torch_thread():
             doc_rows, doc_idx = _mean_candidates(B, k, offsets, vis, tiles)
         scores = _exact_doc_means(query, router_keys, offsets, doc_rows, doc_idx)
     return _rank(doc_rows.cpu(), doc_ids.cpu()[doc_idx.cpu()], scores.float().cpu(), B, k)

@@ -133,7 +133,7 @@ def test_router_shard_grace_and_compaction(model, docs):
     v1 = store.latest_version()
     shard.converge(v1, 0, [d.doc_id for d in big])
     arena = shard._arenas["acme"]
-    assert arena._keys is not None and arena._keys.shape[1] == arena.held_chunks  # the bulk load adopted: keys held once
+    assert [b.shape[1] for b in arena._blocks.tensors] == [arena.held_chunks]  # the bulk load adopted: one block, keys held once
     used_before = arena._used
     acme = [d.doc_id for d in big if d.tenant == "acme"]
     v2 = store.delete(acme[1:], tenant="acme").version
