@@ -2,13 +2,15 @@
 
     python scripts/ship_msa_tiny.py runs/msa-tiny/checkpoint --config examples/train/msa-tiny.yaml
     python scripts/ship_msa_tiny.py runs/msa-tiny/checkpoint \
-        --config examples/train/msa-tiny.yaml:4000 --config examples/train/msa-tiny-copy.yaml
+        --config examples/train/msa-tiny.yaml:4000 --config examples/train/msa-tiny-copy.yaml:6000 \
+        --config examples/train/msa-tiny-quote.yaml:6500 --config examples/train/msa-tiny-mix.yaml
 
 Copies the weights (no optimizer state), config.json and the tokenizer into
 msa_cluster/assets/msa-tiny, the learning curves up to the checkpoint's step (metrics.jsonl), and
 writes training.json: the commands that reproduce the checkpoint, one per stage (`msa train
---config ... --steps N`, later stages with `--resume`: the learning rate is constant after
-warm-up, so a run stopped at step N equals a run of N steps), each stage's config and last step,
+--config ... --steps N`, later stages with `--resume`; a stage whose learning rate is constant
+after warm-up, stopped at step N, equals a run of N steps, and a cosine stage fixes its horizon
+with `decay_to`, so the same holds for it), each stage's config and last step,
 the data seed, the steps, the device class, torch's version and the wall time (summed over the
 stages' processes).
 """

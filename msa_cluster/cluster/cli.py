@@ -212,6 +212,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torch_device(name: str) -> Any:
+    """A torch device that exists here, or a ValueError naming the one asked for."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy against memory size (training/memory_eval.py), through the public Python API."""
     import torch
@@ -235,9 +250,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       named_ids=args.named_ids)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = MSAForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.backend == "ray" and args.device != "cpu":
+        raise ValueError(f"--device {args.device} is for the in-process backend; the Ray backend's actors place their own tensors")
+    device = _torch_device(args.device)
+    model = MSAForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     codec = load_codec(args.model)
-    print(f"evaluating {args.model} on {args.backend}: sizes {args.sizes}, {len(tasks)} tasks x {args.examples} examples", flush=True)
+    print(f"evaluating {args.model} on {args.backend} ({device}): sizes {args.sizes}, {len(tasks)} tasks x {args.examples} examples", flush=True)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
 
     def save(result: SweepResult) -> None:  # after every size: a stopped sweep keeps what it finished
@@ -271,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="MSA checkpoint directory or bundled model name (default: msa-tiny)")
     demo.add_argument("--corpus", help="a .jsonl file with one {'text', optional 'client_id'} object per line (default: bundled sample)")
     demo.add_argument("--question", action="append", help="a question to ask (repeatable; default: the sample questions)")
-    demo.add_argument("--max-rounds", type=int, default=2, help="memory-interleave reading rounds")
+    demo.add_argument("--max-rounds", type=int, default=3, help="memory-interleave reading rounds (default 3)")
     demo.add_argument("--max-tokens", type=int, default=64, help="answer tokens")
     demo.add_argument("--mode", choices=["interleave", "one_round"], default="interleave",
                       help="one_round: route once and answer from routed memory without reading texts")
@@ -352,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="best: a round names only each routing layer's best unread document (default); routed: any "
                          "document it routed; free: any id, as the reference")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    ev.add_argument("--device", default="cpu",
+                    help="where the model and the in-process router arena run: cpu (default) or cuda[:N]")
     ev.add_argument("--out", help="write every score and per-example record as JSON here")
     ev.set_defaults(func=cmd_eval)
 

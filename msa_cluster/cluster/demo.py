@@ -1,8 +1,9 @@
 """`msa demo`: the whole system on one machine, over HTTP.
 
 It starts Ray in this process on loopback, encodes the bundled sample corpus into a store in a
-temporary folder, starts the memory cluster and the Serve app on 127.0.0.1 with a fresh API key,
-asks the sample questions with the stock `openai` client (one of them streamed), shows a routing
+temporary folder (each row under its "tenant", 'demo' where it names none), starts the memory
+cluster and the Serve app on 127.0.0.1 with a fresh API key per tenant, asks the sample questions
+with the stock `openai` client, each with its tenant's key (one of them streamed), shows a routing
 search and a write over the memory API, prints answers with their citations, and shuts
 everything down (the temporary folder too, unless --keep).
 """
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from msa_cluster.types import check_tenant
 
 __all__ = ["DEMO_MODEL", "SAMPLE_QUESTIONS", "sample_questions", "run_demo", "start_local_ray", "free_port", "sample_corpus", "post_json"]
 
@@ -69,23 +72,33 @@ def start_local_ray(num_cpus: int | None = None) -> None:
              logging_level=logging.ERROR, log_to_driver=False, namespace="msa")
 
 
+def _tenants(rows: Sequence[dict[str, Any]], default: str) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each tenant (a row's "tenant", else `default`), in order of first appearance."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(check_tenant(str(r.get("tenant") or default)), []).append(r)
+    return out
+
+
 def _encode_corpus(store_url: str, model_name: str, rows: Sequence[dict[str, Any]], tenant: str) -> Any:
-    """Encode `rows` into a new store (as `msa ingest` would) and return the model's fingerprint."""
+    """Encode `rows` into a new store (as `msa ingest` would), each under its tenant (`tenant` where a
+    row names none), and return the model's fingerprint."""
     from msa_cluster.model import MSAForCausalLM
     from msa_cluster.model.protocol import encode_document
     from msa_cluster.model.tokenizer import load_codec
     from msa_cluster.storage_adapters import MemoryStore
 
     model, codec = MSAForCausalLM.from_pretrained(model_name), load_codec(model_name)
-    store = MemoryStore.open(store_url, model.fingerprint(), create=True)
-    client_ids = [str(r.get("client_id") or f"sample-{r.get('id', i)}") for i, r in enumerate(rows)]
-    ids = store.allocate_ids(tenant, client_ids=client_ids)
-    tokens = [encode_document(codec, i, r["text"]) for i, r in zip(ids, rows)]
-    docs = model.encode_documents(tokens, texts=[r["text"] for r in rows], tenants=[tenant] * len(rows), doc_ids=ids,
-                                  sources=["sample_corpus.jsonl"] * len(rows))
     from dataclasses import replace
 
-    store.insert([replace(d, client_id=c) for d, c in zip(docs, client_ids)])
+    store = MemoryStore.open(store_url, model.fingerprint(), create=True)
+    for name, mine in _tenants(rows, tenant).items():
+        client_ids = [str(r.get("client_id") or f"sample-{r.get('id', i)}") for i, r in enumerate(mine)]
+        ids = store.allocate_ids(name, client_ids=client_ids)
+        tokens = [encode_document(codec, i, r["text"]) for i, r in zip(ids, mine)]
+        docs = model.encode_documents(tokens, texts=[r["text"] for r in mine], tenants=[name] * len(mine), doc_ids=ids,
+                                      sources=["sample_corpus.jsonl"] * len(mine))
+        store.insert([replace(d, client_id=c) for d, c in zip(docs, client_ids)])
     store.close()
     return model.fingerprint()
 
@@ -107,8 +120,15 @@ def _show_citations(citations: list[dict[str, Any]]) -> str:
     return "\n    ".join(parts) or "(none)"
 
 
+def _describe(by_tenant: dict[str, list[dict[str, Any]]]) -> str:
+    total = sum(map(len, by_tenant.values()))
+    if len(by_tenant) == 1:
+        return f"{total} documents of tenant {next(iter(by_tenant))!r}"
+    return f"{total} documents: " + ", ".join(f"{len(r)} of tenant {t!r}" for t, r in by_tenant.items())
+
+
 def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIONS, *, max_tokens: int = 64,
-             max_rounds: int = 2, mode: str = "interleave", keep: bool = False, corpus: Sequence[dict[str, Any]] | None = None,
+             max_rounds: int = 3, mode: str = "interleave", keep: bool = False, corpus: Sequence[dict[str, Any]] | None = None,
              out: Any = print) -> int:
     import ray
     from openai import OpenAI
@@ -120,16 +140,20 @@ def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIO
     from msa_cluster.cluster.serve_app import build_app
     t0 = time.monotonic()
     model_name = model or DEMO_MODEL
-    expected = {q["question"]: q["answer"] for q in sample_questions()} if corpus is None else {}
+    known = sample_questions() if corpus is None else []
+    expected = {q["question"]: q["answer"] for q in known}
     rows = list(corpus) if corpus is not None else sample_corpus()
+    by_tenant = _tenants(rows, "demo")
+    tenant_of = {q["question"]: q["tenant"] for q in known}  # other questions go to the first tenant
     work = Path(tempfile.mkdtemp(prefix="msa-demo-"))
-    tenant = "demo"
+    tenant = next(iter(by_tenant), "demo")
     started_ray = not ray.is_initialized()
     cluster: MemoryCluster | None = None
     try:
         store_url = (work / "store").as_uri()
         fingerprint = _encode_corpus(store_url, model_name, rows, tenant)
-        key, _ = create_key(work / "keys.json", tenant, name="msa demo")
+        keys = {name: create_key(work / "keys.json", name, name="msa demo")[0] for name in by_tenant}
+        key = keys[tenant]
         port = free_port()
         cfg = load_config(overrides={
             "store": store_url, "model": model_name, "port": port, "mode": mode,
@@ -137,17 +161,19 @@ def run_demo(model: str | None = None, questions: Sequence[str] = SAMPLE_QUESTIO
             "cluster": {"name": "msa-demo", "namespace": "msa-demo", "num_shards": 2, "poll_s": 1.0},
             "deployment": {"num_cpus": 0.5},
         })
-        out(f"model: {model_name} ({cfg.served_model_name}); store: {store_url}; {len(rows)} documents of tenant {tenant!r}")
+        out(f"model: {model_name} ({cfg.served_model_name}); store: {store_url}; " + _describe(by_tenant))
         start_local_ray()
         cluster = MemoryCluster.start(cfg.store, fingerprint, cfg.cluster.spec())
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
         base = f"http://{cfg.host}:{cfg.port}"
         out(f"serving {base}/v1 (memory cluster: 2 shard pairs, Serve app {cfg.app_name!r}), ready in {time.monotonic() - t0:.1f} s")
-        client = OpenAI(base_url=f"{base}/v1", api_key=key, timeout=120, max_retries=2)
+        clients = {name: OpenAI(base_url=f"{base}/v1", api_key=k, timeout=120, max_retries=2) for name, k in keys.items()}
         extra = {"msa_max_rounds": max_rounds}
         for n, q in enumerate(questions):
-            out(f"\nQ: {q}")
+            asked = tenant_of.get(q, tenant)
+            client = clients[asked]
+            out(f"\nQ: {q}" + (f"  [tenant {asked!r}]" if len(keys) > 1 else ""))
             if n == 0:  # streamed: deltas as they come, citations in the last chunk
                 text, cites, finish = "", [], None
                 for chunk in client.chat.completions.create(model=cfg.served_model_name, messages=[{"role": "user", "content": q}],

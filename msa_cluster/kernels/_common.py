@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -18,8 +19,10 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """The dispatch rule: Triton when it is importable and every tensor is on a CUDA device."""
-    return HAS_TRITON and all(t.is_cuda for t in tensors)
+    """The dispatch rule: Triton when it is importable and every tensor is on a CUDA device, unless the
+    environment sets MSA_KERNELS=reference (the torch reference paths everywhere: to tell a kernel's
+    fault from the model's on a new GPU)."""
+    return HAS_TRITON and os.environ.get("MSA_KERNELS", "") != "reference" and all(t.is_cuda for t in tensors)
 
 
 def require_triton() -> None:

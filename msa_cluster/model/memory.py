@@ -123,8 +123,10 @@ class InProcessMemory:
         >>> [new] = memory.allocate_ids("default", count=1)                      # doctest: +SKIP
     """
 
-    def __init__(self, documents: Iterable[EncodedDocument] = (), routing_layers: Sequence[int] | None = None):
+    def __init__(self, documents: Iterable[EncodedDocument] = (), routing_layers: Sequence[int] | None = None,
+                 device: str | torch.device = "cpu"):  # fmt: skip
         self._lock = threading.RLock()
+        self.device = torch.device(device)  # where the router arenas live (scored there); K/V stays where it was encoded
         self.version = 0
         self.routing_layers = tuple(routing_layers) if routing_layers is not None else None
         self._arenas: dict[str, RouterArena] = {}
@@ -196,7 +198,7 @@ class InProcessMemory:
                 moved = [self._aliases[(tenant, d.client_id)] for d in mine
                          if d.client_id is not None and self._aliases.get((tenant, d.client_id), d.doc_id) != d.doc_id]
                 self._drop(moved, tenant, version)
-                arena = self._arenas.setdefault(tenant, RouterArena(d.routing_layers if (d := mine[0]) else ()))
+                arena = self._arenas.setdefault(tenant, RouterArena(d.routing_layers if (d := mine[0]) else (), device=self.device))
                 arena.append([(d.doc_id, d.router_keys) for d in mine], version=version, payloads=mine)
                 for d in mine:
                     self._forget_alias(d.doc_id)

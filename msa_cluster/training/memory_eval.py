@@ -102,10 +102,10 @@ class EvalMemory(Protocol):
 
 
 class InProcessEvalMemory:
-    """The in-process memory, one tenant."""
+    """The in-process memory, one tenant, its router arena on the model's device."""
 
     def __init__(self, model: MSAForCausalLM):
-        self.memory = InProcessMemory(routing_layers=model.config.routing_layers)
+        self.memory = InProcessMemory(routing_layers=model.config.routing_layers, device=model.device)
         self.backend: MemoryBackend = self.memory
 
     def allocate_ids(self, count: int) -> list[int]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from msa_cluster.cluster.cli import main
 from msa_cluster.cluster.demo import sample_questions
@@ -20,16 +21,22 @@ def _msa(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_demo_runs_over_http_and_prints_answers_with_citations():
-    """`msa demo`: local Ray, a store, the memory cluster and the Serve app; questions over HTTP with citations."""
+    """`msa demo`: local Ray, a store, the memory cluster and the Serve app; questions over HTTP with citations,
+    each asked with the key of the tenant that holds its documents."""
     run = _msa("demo")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    assert "model: msa-tiny (msa-tiny)" in out and "41 documents of tenant 'demo'" in out and "serving http://127.0.0.1:" in out
-    assert out.count("\nQ: ") == 3 and out.count("\nA (") == 3 and "streamed" in out
-    for q in sample_questions():  # each answer is shown beside the expected one, marked correct or WRONG
-        assert re.search(rf"Q: {re.escape(q['question'])}\nA \(.*\n  expected: {re.escape(repr(q['answer']))} \((correct|WRONG)\)", out), out
+    assert "model: msa-tiny (msa-tiny)" in out and "serving http://127.0.0.1:" in out
+    assert "49 documents: 21 of tenant 'demo', 28 of tenant 'demo-chains'" in out
+    questions = sample_questions()
+    assert out.count("\nQ: ") == len(questions) == 2 and out.count("\nA (") == 2 and "streamed" in out
+    for q in questions:  # each answer is shown beside the expected one, marked correct or WRONG
+        assert re.search(rf"Q: {re.escape(q['question'])}  \[tenant {re.escape(repr(q['tenant']))}\]\nA \(.*\n"
+                         rf"  expected: {re.escape(repr(q['answer']))} \((correct|WRONG)\)", out), out  # fmt: skip
+    # the needle's router margin is wide (0.97 against 0.15), so this answer holds on any CPU
+    assert f"expected: {questions[0]['answer']!r} (correct)" in out
     assert re.search(r"\[\d+\] sample-\d+ r1 (routed\+)?read score=", out)  # interleave read what it named in round 1
-    assert "search 'What is the special magic" in out and "added document 41" in out and "demo finished in" in out
+    assert "search 'What is the special magic" in out and "added document 49" in out and "demo finished in" in out
 
 
 def test_demo_with_a_user_corpus_and_question(tmp_path):
@@ -114,18 +121,26 @@ def test_train_config_errors_are_reported(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
 
 
-def test_example_configs_are_valid_and_stage_2_continues_stage_1():
-    """The shipped examples/train configs validate; stage 2 resumes stage 1's run (same model, seed, directory), later."""
+def test_example_configs_are_valid_and_each_stage_continues_the_last():
+    """The shipped examples/train configs validate; each stage resumes the last one's run (same model, seed,
+    directory and ids) to a later step, and the shipped model's record names the four stages in order."""
     from pathlib import Path
 
     from msa_cluster.training.config import load_config
 
     folder = Path(__file__).parents[2] / "examples" / "train"
-    one, two = load_config(folder / "msa-tiny.yaml"), load_config(folder / "msa-tiny-copy.yaml")
+    names = ["msa-tiny.yaml", "msa-tiny-copy.yaml", "msa-tiny-quote.yaml", "msa-tiny-mix.yaml"]
+    stages = [load_config(folder / n) for n in names]
+    one = stages[0]
     assert one.model.vocab_size == 1024 and one.model.num_layers == 6 and one.data.num_docs == 16
-    assert (two.model, two.seed, two.output_dir, two.data.num_docs, two.data.id_digits) == (
-        one.model, one.seed, one.output_dir, one.data.num_docs, one.data.id_digits)
-    assert two.steps > one.steps and "quote" in two.data.tasks and "quote" not in one.data.tasks
+    for before, after in zip(stages, stages[1:]):
+        assert (after.model, after.seed, after.output_dir, after.data.id_digits) == (before.model, before.seed, before.output_dir, before.data.id_digits)
+        assert after.steps > before.steps
+    assert "quote" not in one.data.tasks and set(stages[2].data.tasks) == {"quote"}
+    assert stages[3].lr_decay == "cosine" and stages[3].decay_from == stages[2].steps and stages[3].data.question_block_target
+    record = json.loads((Path(__file__).parents[2] / "msa_cluster" / "assets" / "msa-tiny" / "training.json").read_text())
+    assert [s["config"] for s in record["stages"]] == [f"examples/train/{n}" for n in names]
+    assert [s["until_step"] for s in record["stages"]] == [s.steps for s in stages] and record["steps"] == stages[-1].steps
 
 
 def test_eval_writes_scores_and_names_bad_sizes(tmp_path, capsys):
@@ -141,3 +156,7 @@ def test_eval_writes_scores_and_names_bad_sizes(tmp_path, capsys):
     assert set(size["scores"]) == {"niah_single", "two_hop", "two_hop_one_round", "all"}
     assert main(["eval", "--sizes", "12Q"]) == 2 and "12Q" in capsys.readouterr().err
     assert main(["eval", "--tasks", "niah_x"]) == 2 and "niah_x" in capsys.readouterr().err
+    assert main(["eval", "--device", "gpu0"]) == 2 and "gpu0" in capsys.readouterr().err
+    assert main(["eval", "--device", "cuda", "--backend", "ray"]) == 2 and "--device cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["eval", "--device", "cuda"]) == 2 and "no CUDA device" in capsys.readouterr().err

@@ -73,3 +73,17 @@ def test_kernel_compiles_for_sm90(case):
     else:
         sig = {"chunk_ptr": "*fp32", "off_ptr": "*i64", "out_ptr": "*fp32", **ints("C", "N")}
         _compile(routing._doc_reduce_kernel, sig, {"CHUNK_MEAN": True, "BLOCK": routing._BLOCK_DOC}, 4)
+
+
+def test_msa_kernels_reference_turns_triton_dispatch_off(monkeypatch):
+    """MSA_KERNELS=reference sends CUDA tensors to the torch references (the dispatch rule's one override)."""
+    from types import SimpleNamespace
+
+    from msa_cluster.kernels import _common
+
+    monkeypatch.setattr(_common, "HAS_TRITON", True)
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    monkeypatch.delenv("MSA_KERNELS", raising=False)
+    assert _common.use_triton(on_gpu, on_gpu) and not _common.use_triton(on_gpu, on_cpu)
+    monkeypatch.setenv("MSA_KERNELS", "reference")
+    assert not _common.use_triton(on_gpu, on_gpu)
