@@ -16,6 +16,7 @@ Ratios printed last: throughput at 8 and 32 clients over 1 client, and the share
 
     python bench/bench_http.py                      # memories 16K and 1M (1M takes minutes to encode)
     python bench/bench_http.py --sizes 16K --requests 16 --clients 1,8   # a quick look
+    python bench/bench_http.py --store file:///data/mem --tenant big      # serve a store `msa ingest` built
 """
 
 from __future__ import annotations
@@ -73,6 +74,25 @@ def _build_store(store_url: str, model_name: str, tokens: int, tenant: str) -> t
     return model.fingerprint(), held, docs
 
 
+def _existing_store(store_url: str, model_name: str, tenant: str) -> tuple[Any, int, int]:
+    """The fingerprint, tokens and documents of `tenant` in a store built by `msa ingest` (it must hold them)."""
+    import torch
+
+    from msa_cluster.model import MSAForCausalLM
+    from msa_cluster.storage_adapters import MemoryStore
+
+    fingerprint = MSAForCausalLM.from_pretrained(model_name, dtype=torch.float32).fingerprint()
+    store = MemoryStore.open(store_url, fingerprint)
+    try:
+        snap = store.snapshot()
+        docs, tokens = snap.usage().get(tenant, (0, 0))
+    finally:
+        store.close()
+    if not docs:
+        raise SystemExit(f"store {store_url} holds no documents of tenant {tenant!r}")
+    return fingerprint, tokens, docs
+
+
 def _post(url: str, key: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
@@ -127,6 +147,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48, help="counted requests per level (bounded)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--store", help="serve this existing store (e.g. built by `msa ingest`) instead of building one per size")
+    ap.add_argument("--tenant", default="bench", help="the tenant of --store to query (default 'bench')")
     args = ap.parse_args()
 
     import ray
@@ -145,15 +167,22 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     start_local_ray()
-    for size in [parse_size(s) for s in args.sizes.split(",")]:
+    sizes = [0] if args.store else [parse_size(s) for s in args.sizes.split(",")]
+    for size in sizes:
         work = Path(tempfile.mkdtemp(prefix="bench-http-"))
         cluster = None
         try:
-            store_url = (work / "store").as_uri()
             t0 = time.perf_counter()
-            fingerprint, held, docs = _build_store(store_url, args.model, size, "bench")
-            print(f"{format_size(size)}: {docs:,} documents, {held:,} tokens encoded in {time.perf_counter() - t0:.0f} s", flush=True)
-            key, _ = create_key(work / "keys.json", "bench")
+            if args.store:
+                store_url, tenant = args.store, args.tenant
+                fingerprint, held, docs = _existing_store(store_url, args.model, tenant)
+                size = held
+                print(f"{args.store} ({tenant}): {docs:,} documents, {held:,} tokens", flush=True)
+            else:
+                store_url, tenant = (work / "store").as_uri(), "bench"
+                fingerprint, held, docs = _build_store(store_url, args.model, size, tenant)
+                print(f"{format_size(size)}: {docs:,} documents, {held:,} tokens encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+            key, _ = create_key(work / "keys.json", tenant)
             port = free_port()
             cfg = load_config(overrides={
                 "store": store_url, "model": args.model, "port": port, "auth": {"keys_file": str(work / "keys.json")},
