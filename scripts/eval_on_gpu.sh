@@ -16,7 +16,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 BUDGET=${1:-540}
 START=$SECONDS
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) PYTHONUNBUFFERED=1
-left() { echo $((BUDGET - (SECONDS - START))); }
+left() { local t=$((BUDGET - (SECONDS - START))); echo $((t > 1 ? t : 1)); }
 MSA="python3 -m msa_cluster.cluster.cli"
 
 nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
@@ -38,4 +38,4 @@ SIZES=16K,10M,32M,100M
 timeout "$(left)" $MSA eval --device "$DEVICE" --sizes "$SIZES" --examples 20 \
   --tasks niah_single,two_hop --out "$OUT/eval-gpu.json" 2>&1 | tee "$OUT/eval-gpu.log"
 echo "sweep exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"
-wait; tail -5 "$OUT/kernels.log"
+wait; [ -f "$OUT/kernels.log" ] && tail -5 "$OUT/kernels.log"

@@ -50,6 +50,28 @@ def _app_config(args: argparse.Namespace) -> Any:
     return load_config(args.config, flags)
 
 
+def recorded_ray_alive(timeout_s: float = 2.0) -> bool | None:
+    """Whether the Ray cluster that `ray.init(address="auto")` would join (RAY_ADDRESS, else the address
+    the last `ray start` on this machine recorded) accepts a TCP connection; None when there is none
+    or it cannot be told. Ray itself retries a dead recorded address for a long while."""
+    import socket
+
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        recorded = get_ray_address_from_environment("auto", None)
+    except Exception:  # a private Ray API: if it moves, fall back to Ray's own behaviour
+        return None
+    host, _, port = str(recorded or "").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _connect_ray(address: str | None) -> bool:
     """Connect to `address` (or a running cluster found by Ray), else start a local one; True if started here."""
     import ray
@@ -59,6 +81,9 @@ def _connect_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, namespace="msa")
         return False
+    if recorded_ray_alive() is False:  # a cluster that died left its address behind: don't wait on it
+        start_local_ray()
+        return True
     try:
         ray.init(address="auto", logging_level=logging.WARNING, namespace="msa")
         return False

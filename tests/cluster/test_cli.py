@@ -160,3 +160,23 @@ def test_eval_writes_scores_and_names_bad_sizes(tmp_path, capsys):
     assert main(["eval", "--device", "cuda", "--backend", "ray"]) == 2 and "--device cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["eval", "--device", "cuda"]) == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_dead_recorded_ray_address_is_told_apart_from_a_live_one(monkeypatch):
+    """`msa ingest`/`serve` start a local Ray instead of waiting on the address a dead cluster left behind."""
+    import socket
+
+    import ray._private.services as services
+
+    from msa_cluster.cluster.cli import recorded_ray_alive
+
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        port = live.getsockname()[1]
+        monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *a: f"127.0.0.1:{port}")
+        assert recorded_ray_alive() is True
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *a: f"127.0.0.1:{port}")
+    assert recorded_ray_alive(timeout_s=0.5) is False  # closed now
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *a: None)
+    assert recorded_ray_alive() is None
