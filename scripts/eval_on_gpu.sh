@@ -38,4 +38,4 @@ SIZES=16K,10M,32M,100M
 timeout "$(left)" $MSA eval --device "$DEVICE" --sizes "$SIZES" --examples 20 \
   --tasks niah_single,two_hop --out "$OUT/eval-gpu.json" 2>&1 | tee "$OUT/eval-gpu.log"
 echo "sweep exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"
-wait; [ -f "$OUT/kernels.log" ] && tail -5 "$OUT/kernels.log"
+wait; if [ -f "$OUT/kernels.log" ]; then tail -5 "$OUT/kernels.log"; fi
