@@ -244,8 +244,9 @@ class StoreSnapshot:
     tensor read is checksum-verified.
     """
 
-    def __init__(self, manifest: Manifest, fs: StoreFS, cache: SegmentCache):
+    def __init__(self, manifest: Manifest, fs: StoreFS, cache: SegmentCache, base: StoreSnapshot | None = None):
         self.manifest = manifest
+        self._base = base  # an earlier version whose directory this one may extend instead of rebuilding
         self.version: int = manifest.version
         self.fingerprint: ModelFingerprint = manifest.fingerprint
         self._fs, self._cache, self._layout = fs, cache, cache.layout
@@ -275,9 +276,47 @@ class StoreSnapshot:
             return self._dir
 
     def _build_directory(self) -> dict[int, tuple[SegmentRef, int]]:
+        base, self._base = self._base, None
+        if base is not None and base._dir is not None:
+            grown = self._grow_directory(base, base._dir)
+            if grown is not None:
+                return grown
         out: dict[int, tuple[SegmentRef, int]] = {}
-        aliases: dict[tuple[str, str], int] = {}
-        for seg in self.manifest.segments:
+        self._aliases = {}
+        return self._add_segments(self.manifest.segments, out)
+
+    def _grow_directory(self, base: StoreSnapshot, old_dir: dict[int, tuple[SegmentRef, int]]) -> dict[int, tuple[SegmentRef, int]] | None:
+        """This version's directory from an earlier version's, when this one only appends segments and
+        adds tombstones (every insert, update and delete; not a compaction): the cost of a commit then
+        follows what it changed, not the size of the store. None when it does more."""
+        old, new = base.manifest, self.manifest
+        n = len(old.segments)
+        if tuple(s.id for s in new.segments[:n]) != tuple(s.id for s in old.segments):
+            return None
+        newly: dict[str, set[int]] = {}
+        for seg in old.segments:
+            before, after = old.tombstones.get(seg.id, frozenset()), new.tombstones.get(seg.id, frozenset())
+            if not set(before) <= set(after):
+                return None
+            if len(after) > len(before):
+                newly[seg.id] = set(after) - set(before)
+        out, aliases = dict(old_dir), dict(base._aliases)
+        for seg_id, dead in newly.items():
+            for doc_id in dead:
+                hit = out.get(doc_id)
+                if hit is None or hit[0].id != seg_id:
+                    continue
+                del out[doc_id]
+                row = self._docs(hit[0]).rows[hit[1]]
+                if row.client_id is not None and aliases.get((row.tenant, row.client_id)) == doc_id:
+                    del aliases[(row.tenant, row.client_id)]
+        self._aliases = aliases
+        return self._add_segments(new.segments[n:], out)
+
+    def _add_segments(self, segments: Sequence[SegmentRef], out: dict[int, tuple[SegmentRef, int]]) -> dict[int, tuple[SegmentRef, int]]:
+        """Add the live rows of `segments` (in manifest order) to `out` and their client ids to the aliases."""
+        aliases = self._aliases
+        for seg in segments:
             dead = self.manifest.tombstones.get(seg.id, frozenset())
             for i, row in enumerate(self._docs(seg).rows):
                 if row.doc_id in dead:
@@ -291,7 +330,6 @@ class StoreSnapshot:
                 out[row.doc_id] = (seg, i)
                 if row.client_id is not None:
                     aliases[(row.tenant, row.client_id)] = row.doc_id
-        self._aliases = aliases
         return out
 
     @property

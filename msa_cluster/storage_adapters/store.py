@@ -268,7 +268,9 @@ class MemoryStore:
             if snap is not None:
                 self._snapshots.move_to_end(v)
                 return snap
-        snap = StoreSnapshot(latest if latest is not None else self._manifest(v), self._fs, self._cache)
+        with self._lock:  # the newest earlier version with a directory: the new one extends it
+            base = max((s for k, s in self._snapshots.items() if k < v and s._dir is not None), key=lambda s: s.version, default=None)
+        snap = StoreSnapshot(latest if latest is not None else self._manifest(v), self._fs, self._cache, base)
         with self._lock:
             snap = self._snapshots.setdefault(v, snap)
             while len(self._snapshots) > 4:
