@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import torch
 
+from msa_cluster.storage_adapters import _directory
 from msa_cluster.storage_adapters._checksums import ALGORITHMS, crc_of
 from msa_cluster.storage_adapters._format import (
     DocRow,
@@ -277,60 +278,15 @@ class StoreSnapshot:
 
     def _build_directory(self) -> dict[int, tuple[SegmentRef, int]]:
         base, self._base = self._base, None
+        where = self._fs.display(self.manifest.path)
+        found = None
         if base is not None and base._dir is not None:
-            grown = self._grow_directory(base, base._dir)
-            if grown is not None:
-                return grown
-        out: dict[int, tuple[SegmentRef, int]] = {}
-        self._aliases = {}
-        return self._add_segments(self.manifest.segments, out)
-
-    def _grow_directory(self, base: StoreSnapshot, old_dir: dict[int, tuple[SegmentRef, int]]) -> dict[int, tuple[SegmentRef, int]] | None:
-        """This version's directory from an earlier version's, when this one only appends segments and
-        adds tombstones (every insert, update and delete; not a compaction): the cost of a commit then
-        follows what it changed, not the size of the store. None when it does more."""
-        old, new = base.manifest, self.manifest
-        n = len(old.segments)
-        if tuple(s.id for s in new.segments[:n]) != tuple(s.id for s in old.segments):
-            return None
-        newly: dict[str, set[int]] = {}
-        for seg in old.segments:
-            before, after = old.tombstones.get(seg.id, frozenset()), new.tombstones.get(seg.id, frozenset())
-            if not set(before) <= set(after):
-                return None
-            if len(after) > len(before):
-                newly[seg.id] = set(after) - set(before)
-        out, aliases = dict(old_dir), dict(base._aliases)
-        for seg_id, dead in newly.items():
-            for doc_id in dead:
-                hit = out.get(doc_id)
-                if hit is None or hit[0].id != seg_id:
-                    continue
-                del out[doc_id]
-                row = self._docs(hit[0]).rows[hit[1]]
-                if row.client_id is not None and aliases.get((row.tenant, row.client_id)) == doc_id:
-                    del aliases[(row.tenant, row.client_id)]
-        self._aliases = aliases
-        return self._add_segments(new.segments[n:], out)
-
-    def _add_segments(self, segments: Sequence[SegmentRef], out: dict[int, tuple[SegmentRef, int]]) -> dict[int, tuple[SegmentRef, int]]:
-        """Add the live rows of `segments` (in manifest order) to `out` and their client ids to the aliases."""
-        aliases = self._aliases
-        for seg in segments:
-            dead = self.manifest.tombstones.get(seg.id, frozenset())
-            for i, row in enumerate(self._docs(seg).rows):
-                if row.doc_id in dead:
-                    continue
-                if row.doc_id in out:
-                    raise CorruptStoreError(
-                        f"manifest {self._fs.display(self.manifest.path)}: document {row.doc_id} is live in "
-                        f"segments {out[row.doc_id][0].id} and {seg.id}",
-                        (self._fs.display(self.manifest.path),),
-                    )
-                out[row.doc_id] = (seg, i)
-                if row.client_id is not None:
-                    aliases[(row.tenant, row.client_id)] = row.doc_id
-        return out
+            old = _directory.Directory(base._dir, base._aliases)
+            found = _directory.grow(base.manifest, old, self.manifest, self._docs, where)
+        if found is None:
+            found = _directory.build(self.manifest, self._docs, where)
+        self._aliases = found.aliases
+        return found.rows
 
     @property
     def ids(self) -> IdAllocation:
