@@ -11,6 +11,9 @@ needle in the same memory as a two-hop chain draws every round away from the cha
     python scripts/make_sample_corpus.py                # the committed files, byte for byte
     python scripts/make_sample_corpus.py --search 40    # try seeds from 2026 with the bundled msa-tiny
 
+`--search N --mixed` asks the same over one memory holding both tenants' documents (how the
+needle draws the two-hop question away), and writes nothing.
+
 `--search N` answers each seed's questions in process (the demo's settings: greedy, 3 rounds) and
 writes the first seed whose answers are all right, after printing how many of the N seeds were.
 """
@@ -47,8 +50,9 @@ def build(seed: int = SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return rows, questions
 
 
-def answered(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[bool]:
-    """Whether the bundled msa-tiny answers each question over its tenant's documents (in process)."""
+def answered(rows: list[dict[str, Any]], questions: list[dict[str, Any]], mixed: bool = False) -> list[bool]:
+    """Whether the bundled msa-tiny answers each question over its tenant's documents (in process),
+    or over every tenant's documents in one memory with `mixed`."""
     import torch
 
     from msa_cluster.model import InProcessMemory, MSAForCausalLM
@@ -59,7 +63,7 @@ def answered(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> lis
     model, codec = MSAForCausalLM.from_pretrained("msa-tiny", dtype=torch.float32), load_codec("msa-tiny")
     out = []
     for q in questions:
-        mine = [r for r in rows if r["tenant"] == q["tenant"]]
+        mine = rows if mixed else [r for r in rows if r["tenant"] == q["tenant"]]
         memory = InProcessMemory.from_documents(model, [P.encode_document(codec, r["id"], r["text"]) for r in mine],
                                                 texts=[r["text"] for r in mine], doc_ids=[r["id"] for r in mine])  # fmt: skip
         result = answer_with_memory(model, codec, memory, q["question"], InterleaveConfig(max_rounds=3, max_answer_tokens=64))
@@ -70,14 +74,18 @@ def answered(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--search", type=int, default=0, help="try this many seeds from 2026 and write the first fully answered one")
+    ap.add_argument("--mixed", action="store_true",
+                    help="with --search: answer over one memory that holds every tenant's documents (writes nothing)")
     args = ap.parse_args()
     seed = SEED
     if args.search:
-        tally = {s: answered(*build(s)) for s in range(2026, 2026 + args.search)}
+        tally = {s: answered(*build(s), mixed=args.mixed) for s in range(2026, 2026 + args.search)}
         for s, ok in tally.items():
             print(s, ok)
         full = [s for s, ok in tally.items() if all(ok)]
         print(f"{len(full)} of {args.search} seeds answered fully; per question: {[sum(ok[i] for ok in tally.values()) for i in range(len(PICKS))]}")
+        if args.mixed:
+            return
         if not full:
             raise SystemExit("no seed answered fully")
         seed = full[0]
