@@ -3,12 +3,12 @@
 #
 #   OUT=results/ bash scripts/eval_on_gpu.sh [SECONDS]
 #
-# Needs torch, tokenizers, safetensors, numpy and pyyaml (no Ray: the in-process backend). Steps:
+# SKIP_KERNEL_TESTS=1 leaves step 1 out. Needs torch, tokenizers, safetensors, numpy and pyyaml (no Ray: the in-process backend). Steps:
 #  1. the Triton kernel tests on the GPU, in the background (kernels.log);
 #  2. a 16K smoke run with the Triton kernels; if it fails, again with MSA_KERNELS=reference
 #     (the torch references on the GPU); if that fails too, the sweep runs on the CPU;
 #  3. the sweep: niah_single and two_hop (with its one-round baseline), 20 examples each, at
-#     16K, 10M, 32M and 100M tokens; the background haystack grows from one size to the next and
+#     16K, 10M, 32M, 64M and 100M tokens (or $SIZES); the background haystack grows from one size to the next and
 #     each finished size is written to eval-gpu.json at once, so a run stopped at the deadline
 #     keeps the sizes it finished.
 set -u
@@ -25,7 +25,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 
 
 DEVICE=cuda
-smoke() { timeout 120 $MSA eval --device "$DEVICE" --sizes 16K --examples 2 --tasks niah_single,two_hop --out "$OUT/smoke-$1.json" > "$OUT/smoke-$1.log" 2>&1; }
+smoke() { timeout 90 $MSA eval --device "$DEVICE" --sizes 16K --examples 1 --tasks two_hop --out "$OUT/smoke-$1.json" > "$OUT/smoke-$1.log" 2>&1; }
 if smoke triton; then
   echo "smoke: cuda with the Triton kernels"
 else
@@ -33,8 +33,8 @@ else
   export MSA_KERNELS=reference
   if smoke reference; then echo "smoke: cuda with the torch references"; else tail -20 "$OUT/smoke-reference.log"; DEVICE=cpu; echo "smoke: falling back to cpu"; fi
 fi
-SIZES=16K,10M,32M,100M
-[ "$DEVICE" = cpu ] && SIZES=16K,1M,10M
+SIZES=${SIZES:-16K,10M,32M,64M,100M}
+[ "$DEVICE" = cpu ] && SIZES=${CPU_SIZES:-16K,1M,10M}
 timeout "$(left)" $MSA eval --device "$DEVICE" --sizes "$SIZES" --examples 20 \
   --tasks niah_single,two_hop --out "$OUT/eval-gpu.json" 2>&1 | tee "$OUT/eval-gpu.log"
 echo "sweep exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"

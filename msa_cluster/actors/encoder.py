@@ -1,7 +1,7 @@
 """Encoder: the model's stage-1 document encoding for ingestion, on the GPU when there is one.
 
 Input rows are dicts with `id`, `text` and optionally `tenant`, `source`, `metadata`; each text is
-wrapped and tokenised by `model.protocol.encode_document` (`<|im_start|>[id]. text[id]<|im_end|>`).
+wrapped and tokenised by `model.protocol.encode_documents` (`<|im_start|>[id]. text[id]<|im_end|>`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from msa_cluster.model import MSAForCausalLM
-from msa_cluster.model.protocol import encode_document, wrap_document
+from msa_cluster.model.protocol import encode_documents, wrap_document
 from msa_cluster.model.tokenizer import Codec, load_codec
 from msa_cluster.types import DEFAULT_TENANT, EncodedDocument, ModelFingerprint
 
@@ -42,19 +42,19 @@ class Encoder:
         return self.model.fingerprint(), int(self.model.config.max_position_embeddings)
 
     def encode(self, rows: Sequence[dict]) -> list[EncodedDocument]:
-        ids, texts, tokens = [], [], []
+        ids, texts = [], []
         for n, row in enumerate(rows):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
                 raise ValueError(f"row {n} needs a non-empty string 'text', got {row!r:.120}")
             doc_id = row.get("id")
             if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id < 0:
                 raise ValueError(f"row {n} needs a non-negative int 'id', got {doc_id!r}")
-            toks = encode_document(self.codec, doc_id, row["text"])
-            if len(toks) > self.max_tokens:
-                raise ValueError(f"document {doc_id} is {len(toks)} tokens, over max_tokens={self.max_tokens}")
             ids.append(doc_id)
             texts.append(row["text"])
-            tokens.append(toks)
+        tokens = encode_documents(self.codec, ids, texts)
+        for doc_id, toks in zip(ids, tokens):
+            if len(toks) > self.max_tokens:
+                raise ValueError(f"document {doc_id} is {len(toks)} tokens, over max_tokens={self.max_tokens}")
         docs = self.model.encode_documents(
             tokens, texts=texts, doc_ids=ids,
             tenants=[str(r.get("tenant", DEFAULT_TENANT)) for r in rows],

@@ -172,10 +172,11 @@ class MSAForCausalLM(PreTrainedModel):
         never lets a real token see it. Stops after the last routing layer's projections."""
         dev = self.device
         B, T = len(docs), max(len(d) for d in docs)
-        ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        ids = torch.zeros(B, T, dtype=torch.long)  # built and checked on the host, sent to the device once
         for b, d in enumerate(docs):
             ids[b, : len(d)] = torch.as_tensor(list(d), dtype=torch.long)
         self._check_ids(ids, "a document")
+        ids = ids.to(dev, non_blocking=True)
         lengths = torch.tensor([len(d) for d in docs], device=dev)
         P = self.config.memory.pooling_kernel_size
         x = self.model.embed_tokens(ids)
@@ -197,10 +198,12 @@ class MSAForCausalLM(PreTrainedModel):
             )
             x = layer.finish(x, o.transpose(1, 2))
         Hkv, D = self.config.num_key_value_heads, self.config.head_dim
+        # [B, R, chunks, Hkv, D] per kind, stacked once; each document then takes one copy per kind
+        stacked = [torch.stack([p[j] for p in pooled], dim=1).unflatten(-1, (Hkv, D)) for j in range(3)]
         results = []
         for b, d in enumerate(docs):
             C = num_chunks(len(d), P)
-            k, v, rk = (torch.stack([p[j][b, :C] for p in pooled]).view(len(pooled), C, Hkv, D).clone() for j in range(3))
+            k, v, rk = (s[b, :, :C].clone() for s in stacked)
             results.append((k, v, rk))
         return results
 

@@ -53,6 +53,7 @@ __all__ = [
     "Transcript",
     "answer_output",
     "encode_document",
+    "encode_documents",
     "end_of_retrieve",
     "extract_answer",
     "first_prompt",
@@ -121,8 +122,16 @@ def wrap_document(doc_id: int, text: str) -> str:
 
 def encode_document(codec: Codec, doc_id: int, text: str) -> list[int]:
     """Token ids of a memory document: the id at both ends, so the model can read and name it."""
-    body = codec.encode(f"[{_check_id(doc_id)}]. {text}[{doc_id}]")
-    return [codec.token_id(IM_START), *body, codec.token_id(IM_END)]
+    return encode_documents(codec, [doc_id], [text])[0]
+
+
+def encode_documents(codec: Codec, doc_ids: Sequence[int], texts: Sequence[str]) -> list[list[int]]:
+    """`encode_document` of each (id, text), in one parallel call where the codec has `encode_batch`."""
+    bodies = [f"[{_check_id(i)}]. {t}[{i}]" for i, t in zip(doc_ids, texts, strict=True)]
+    batch = getattr(codec, "encode_batch", None)
+    encoded = batch(bodies) if batch is not None else [codec.encode(b) for b in bodies]
+    start, end = codec.token_id(IM_START), codec.token_id(IM_END)
+    return [[start, *body, end] for body in encoded]
 
 
 def template_head(codec: Codec) -> list[int]:

@@ -88,6 +88,10 @@ class BPECodec:
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text, tokenized in parallel by the library's own threads."""
+        return [list(e.ids) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tok.decode([int(i) for i in ids], skip_special_tokens=False))
 

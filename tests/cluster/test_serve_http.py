@@ -25,6 +25,7 @@ openai = pytest.importorskip("openai")
 from msa_cluster.cluster.config import load_config  # noqa: E402
 from msa_cluster.cluster.demo import free_port  # noqa: E402
 from msa_cluster.cluster.keys import create_key, revoke_key  # noqa: E402
+from tests.cluster.cli_output import cli_stderr  # noqa: E402
 
 MODEL = "msa-tiny-random"
 TEXTS = [json.loads(line)["text"] for line in (Path(__file__).parents[2] / "msa_cluster/assets/golden_corpus.jsonl").read_text().splitlines()]  # fmt: skip
@@ -379,13 +380,14 @@ def test_metrics_are_exported_and_scraped(app):
     c = client(app, app.key_a)
     add(app, app.key_a, [{"text": "The lighthouse keeper's cat is called Fog."}])
     c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "lighthouse?"}], max_tokens=4)
+    assert request(app, "GET", "/v1/memories", key="msa-0-bad")[0] == 401  # an error of a known type, counted
     want = ["ray_msa_api_requests", "ray_msa_api_request_latency_s", "ray_msa_api_tokens_in", "ray_msa_routing_latency_s",
             "ray_msa_fanout_latency_s", "ray_msa_kv_bytes_fetched", "ray_msa_interleave_rounds", "ray_msa_api_errors",
             "ray_msa_cluster_shard_documents", "ray_msa_cluster_shard_tokens", "ray_msa_cluster_kv_tier_misses"]
     deadline, body = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # each process exports its metrics on its own schedule
         body = _scrape()
-        if all(w in body for w in want):
+        if all(w in body for w in want) and 'type="unauthorized"' in body:
             break
         time.sleep(2)
     missing = [w for w in want if w not in body]
@@ -399,14 +401,15 @@ def test_metrics_are_exported_and_scraped(app):
 def test_cli_query_and_search_are_clients_of_the_app(app, capsys):
     from msa_cluster.cluster.cli import main
 
+    add(app, app.key_a, [{"text": "The lighthouse logbook keeper is Ada Varga.", "client_id": "cli0", "source": "cli"}])
     url = f"http://{HOST}:{app.port}"
     assert main(["query", "Who keeps the logbooks?", "--url", url, "--api-key", app.key_a, "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "[finish:" in out and "citations:" in out and "routed" in out
     assert main(["search", "logbook keeper", "--url", url, "--api-key", app.key_a, "--top-k", "2"]) == 0
-    assert re.search(r"^\[\d+\] s\d score=", capsys.readouterr().out, re.M)
+    assert re.search(r"^\[\d+\] \S+ score=", capsys.readouterr().out, re.M)
     assert main(["search", "q", "--url", url, "--api-key", "msa-0-bad"]) == 1
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys.readouterr().err)
     assert err.startswith("msa: error: HTTP 401: a valid API key is required") and err.count("\n") == 1
     assert main(["query", "q", "--url", url, "--api-key", app.key_a, "--max-tokens", "100000"]) == 1
     assert "max_tokens=512" in capsys.readouterr().err

@@ -29,6 +29,18 @@ def test_document_wrapper_matches_the_reference_layout():
         P.encode_document(TOK, -1, "x")
 
 
+def test_batch_encoding_equals_one_at_a_time_on_the_bundled_bpe():
+    """`encode_documents` (the BPE's parallel `encode_batch`) gives each document's `encode_document` ids,
+    control strings in text included; a bad id among many is named."""
+    bpe = load_codec("msa-tiny")
+    texts = ["a note", "user says <|im_start|>assistant<|im_end|>", "Ünïcödé [7]. text", "x" * 300]
+    ids = [0, 5, 123456, 9]
+    assert P.encode_documents(bpe, ids, texts) == [P.encode_document(bpe, i, t) for i, t in zip(ids, texts)]
+    assert P.encode_documents(TOK, ids, texts) == [P.encode_document(TOK, i, t) for i, t in zip(ids, texts)]
+    with pytest.raises(ValueError, match="-3"):
+        P.encode_documents(bpe, [1, -3], ["a", "b"])
+
+
 def test_template_head_is_three_tokens_and_prompt_routes_only_the_question():
     """Head `<|im_start|>user\\n` is 3 tokens; only the question span routes."""
     assert len(P.template_head(TOK)) == 3
