@@ -11,7 +11,7 @@ import torch
 
 from msa_cluster.cluster.cli import main
 from msa_cluster.cluster.demo import sample_questions
-from tests.cluster.cli_output import cli_stderr
+from tests.cluster.cli_output import own_lines
 
 
 def _msa(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -82,10 +82,10 @@ def test_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "app.yaml"
     bad.write_text("store: file:///x\nauth: {keys_file: /k}\nlimits: {max_tokenz: 3}\n")
     assert main(["serve", "--config", str(bad)]) == 2
-    err = cli_stderr(capsys.readouterr().err)
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("msa: error: invalid config: limits.max_tokenz") and err.count("\n") == 1
     assert main(["query", "q", "--url", "http://127.0.0.1:9", "--api-key", "k", "--timeout", "2"]) == 1
-    err = cli_stderr(capsys.readouterr().err)
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("msa: error: ") and err.count("\n") == 1 and "Traceback" not in err
     os.environ.pop("MSA_API_KEY", None)
     assert main(["search", "q", "--url", "http://127.0.0.1:9"]) == 2

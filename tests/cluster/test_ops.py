@@ -15,7 +15,7 @@ import yaml
 from msa_cluster.cluster.cli import main
 from msa_cluster.cluster.ops import copy_version, open_store
 from msa_cluster.storage_adapters import MemoryStore
-from tests.cluster.cli_output import cli_stderr
+from tests.cluster.cli_output import own_lines
 from tests.storage_adapters.conftest import s3_server  # noqa: F401  (the session's moto server fixture)
 from tests.storage_adapters.store_helpers import FP32, make_doc
 
@@ -35,7 +35,7 @@ def _store(url: str, options: dict | None = None, n: int = 6) -> MemoryStore:
 def _msa(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out = capsys.readouterr()
-    return rc, out.out, cli_stderr(out.err)
+    return rc, own_lines(out.out), own_lines(out.err)
 
 
 def test_backup_and_restore_round_trip_a_version_on_file_and_s3(tmp_path, s3_server, capsys):  # noqa: F811

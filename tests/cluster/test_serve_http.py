@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 from msa_cluster.cluster.config import load_config  # noqa: E402
 from msa_cluster.cluster.demo import free_port  # noqa: E402
 from msa_cluster.cluster.keys import create_key, revoke_key  # noqa: E402
-from tests.cluster.cli_output import cli_stderr  # noqa: E402
+from tests.cluster.cli_output import own_lines  # noqa: E402
 
 MODEL = "msa-tiny-random"
 TEXTS = [json.loads(line)["text"] for line in (Path(__file__).parents[2] / "msa_cluster/assets/golden_corpus.jsonl").read_text().splitlines()]  # fmt: skip
@@ -409,7 +409,7 @@ def test_cli_query_and_search_are_clients_of_the_app(app, capsys):
     assert main(["search", "logbook keeper", "--url", url, "--api-key", app.key_a, "--top-k", "2"]) == 0
     assert re.search(r"^\[\d+\] \S+ score=", capsys.readouterr().out, re.M)
     assert main(["search", "q", "--url", url, "--api-key", "msa-0-bad"]) == 1
-    err = cli_stderr(capsys.readouterr().err)
+    err = own_lines(capsys.readouterr().err)
     assert err.startswith("msa: error: HTTP 401: a valid API key is required") and err.count("\n") == 1
     assert main(["query", "q", "--url", url, "--api-key", app.key_a, "--max-tokens", "100000"]) == 1
     assert "max_tokens=512" in capsys.readouterr().err
