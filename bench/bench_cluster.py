@@ -196,18 +196,18 @@ def limits() -> dict[str, float]:
 
 
 class Bench:
-    """The same synthetic memory three ways: InProcessMemory, 4 plain shards in this process, 4 Ray shard pairs."""
+    """The same synthetic memory three ways: InProcessMemory, `shards` plain shards in this process, `shards` Ray shard pairs."""
 
-    def __init__(self, tmp: str):
-        self.url = f"file://{tmp}/store"
+    def __init__(self, tmp: str, shards: int = 4):
+        self.url, self.shards = f"file://{tmp}/store", shards
         self.store = MemoryStore.open(self.url, FP, create=True)
         self.docs: list[EncodedDocument] = []
         self.inproc = InProcessMemory(routing_layers=LAYERS)
-        self.routers = routers = [RouterShard(shard_id=i, routing_layers=LAYERS, store=self.store) for i in range(4)]
-        kvs = [KVShard(shard_id=i, store=self.store) for i in range(4)]
+        self.routers = routers = [RouterShard(shard_id=i, routing_layers=LAYERS, store=self.store) for i in range(shards)]
+        kvs = [KVShard(shard_id=i, store=self.store) for i in range(shards)]
         self.plain = Coordinator(store=self.store, routers=routers, kvs=kvs, timeout_s=TIMEOUT_S)
         self.plain.attach(routers, kvs)
-        self.cluster = MemoryCluster.start(self.url, FP, ClusterSpec(name="bench", num_shards=4, timeout_s=TIMEOUT_S))
+        self.cluster = MemoryCluster.start(self.url, FP, ClusterSpec(name="bench", num_shards=shards, timeout_s=TIMEOUT_S))
         self.coord = self.cluster.coordinator
 
     def grow(self, tokens: int) -> None:

@@ -4,13 +4,13 @@ Every number is a median of interleaved repetitions taken side by side in one ru
 run in rotating order within each repetition), because the machine is shared. Data is SYNTHETIC,
 as in bench_cluster.py: random router keys and K/V of MSA-4B shapes (Hkv 8 x D 128, bf16, 64-token
 chunks, 2,048-token documents), random queries of T = 64 routing tokens x 32 heads folded, top-k 16,
-4 shard pairs on one local Ray node. One routing layer is stored and measured (a model with R
+4 shard pairs (--shards) on one local Ray node. One routing layer is stored and measured (a model with R
 routing layers pays the per-layer cost R times); at 10M tokens that keeps the store at ~0.9 GB
 instead of MSA-4B's 18-layer 16 GB.
 
 Variants of one B=1 routing layer:
     inproc      InProcessMemory in this process (best of 1 and 2 torch threads: "in-process scoring")
-    floor       one parallel empty plain actor call to the same 4 router shards (the engine's floor)
+    floor       one parallel empty plain actor call to the same router shards (the engine's floor)
     before      the fan-out as it was at --before (score round, then fetch round, torch payloads)
     two rounds  today's fan_out(rounds=2): numpy K/V, winners only
     one round   fan_out(): each shard answers with its local top-k and their K/V (plain calls)
@@ -20,11 +20,12 @@ Variants of one B=1 routing layer:
 Goal: (variant - inproc) <= 1.5 x floor, both from the group with no graph alive.
 
 Batching at 1M tokens: 32 concurrent B=1 queries through a batching ClusterMemory against 32
-sequential ones. Upper bound the scoring cost allows = seq32 / (4 shards x score(B=32, 1/4 of memory)
-/ cores); goal: speed-up >= 0.8 x that bound, i.e. batched time <= 1.25 x the scoring floor.
+sequential ones. Upper bound the scoring cost allows = seq32 / (N shards x score(B=32, 1/N of memory)
+/ min(N, cores)); goal: speed-up >= 0.8 x that bound, i.e. batched time <= 1.25 x the scoring floor.
 
     python bench/bench_fanout.py                # 16K, 1M, 10M (~6-8 min on 2 shared cores)
     python bench/bench_fanout.py --quick        # 16K and 128K, fewer repeats (~2 min)
+    python bench/bench_fanout.py --shards 2     # one shard pair per core of a 2-core machine
 
 Legend: B query rows, T routing tokens, H heads, Hkv kv heads, D head dim, C chunks.
 """
@@ -137,7 +138,7 @@ def batching(bench: Bench, name: str, reps: int, window_s: float, compiled: bool
         "batched32": lambda: concurrently(snap, qs, out),
         "shard B=32": lambda: bench.routers[0].score(LAYER, q32, TOP_K, [TENANT] * CONCURRENT, pin * CONCURRENT),
     }
-    if not compiled:  # what the 4 shard actors' scoring takes in parallel on this machine now; one B=32 fan-out each way
+    if not compiled:  # what the shard actors' scoring takes in parallel on this machine now; one B=32 fan-out each way
         view = seq.view
         pins = [(view.version, view.epoch)] * CONCURRENT
         variants["score round B=32"] = lambda: ray.get(
@@ -149,16 +150,17 @@ def batching(bench: Bench, name: str, reps: int, window_s: float, compiled: bool
     for i, q in enumerate(qs):  # batching changes no selection
         assert out[i].selected == seq.retrieve(LAYER, q, TOP_K).selected  # type: ignore[attr-defined]
     close_shared()  # no graph alive after this test
-    cores = min(4, len(os.sched_getaffinity(0)))
-    t["floor"] = floor = 4 * t["shard B=32"] / cores
+    n = bench.shards
+    cores = min(n, len(os.sched_getaffinity(0)))
+    t["floor"] = floor = n * t["shard B=32"] / cores
     t["bound"], t["speedup"] = t["seq32"] / floor, t["seq32"] / t["batched32"]
     tag = "compiled" if compiled else "plain"
     print(f"  {name:>5} {tag:>8}: 32 sequential {t['seq32']:8.1f} ms | 32 threads (window {window_s * 1e3:.0f} ms) {t['batched32']:8.1f} ms | "
-          f"scoring floor 4 x {t['shard B=32']:.1f} / {cores} cores = {floor:.1f} ms | speed-up {t['speedup']:.2f}x of bound "
+          f"scoring floor {n} x {t['shard B=32']:.1f} / {cores} cores = {floor:.1f} ms | speed-up {t['speedup']:.2f}x of bound "
           f"{t['bound']:.2f}x = {t['speedup'] / t['bound']:.2f}")  # fmt: skip
     if "score round B=32" in t:
         t["bound measured"] = t["seq32"] / t["score round B=32"]
-        print(f"         the 4 shard actors' B=32 score round alone {t['score round B=32']:.1f} ms (bound measured {t['bound measured']:.2f}x: "
+        print(f"         the {n} shard actors' B=32 score round alone {t['score round B=32']:.1f} ms (bound measured {t['bound measured']:.2f}x: "
               f"speed-up = {t['speedup'] / t['bound measured']:.2f} of it) | one B=32 fan_out: 1 round {t['fan_out B=32 1 round']:.1f} ms, "
               f"2 rounds {t['fan_out B=32 2 rounds']:.1f} ms")  # fmt: skip
     return t
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="comma-separated memory sizes (of 16K,128K,1M,10M)")
     ap.add_argument("--batch-sizes", default=None, help="sizes to run the batching test at (default 1M, or 128K with --quick)")
     ap.add_argument("--before", default="24a7451", help="commit whose fanout.py is the 'before' variant")
+    ap.add_argument("--shards", type=int, default=4, help="shard pairs (default 4; as many as cores gives each shard a core)")
     ap.add_argument("--window-ms", type=float, default=20.0, help="ClusterMemory batch window for the batching test")
     args = ap.parse_args()
     sizes = (args.sizes or ("16K,128K" if args.quick else "16K,1M,10M")).split(",")
@@ -182,9 +185,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", namespace="msa-bench")
     res: dict[str, dict] = {"overhead": {}, "batch": {}}
     try:
-        bench = Bench(tmp)
+        bench = Bench(tmp, shards=args.shards)
         print(
-            f"\n[1] one B=1 routing layer, 4 shard pairs; median ms of interleaved repeats (cluster up at {time.perf_counter() - t_start:.0f} s)"
+            f"\n[1] one B=1 routing layer, {args.shards} shard pairs; median ms of interleaved repeats (cluster up at {time.perf_counter() - t_start:.0f} s)"
         )
         try:
             for name in sizes:
