@@ -176,7 +176,7 @@ class MSAForCausalLM(PreTrainedModel):
         for b, d in enumerate(docs):
             ids[b, : len(d)] = torch.as_tensor(list(d), dtype=torch.long)
         self._check_ids(ids, "a document")
-        ids = ids.to(dev, non_blocking=True)
+        ids = ids.to(dev)
         lengths = torch.tensor([len(d) for d in docs], device=dev)
         P = self.config.memory.pooling_kernel_size
         x = self.model.embed_tokens(ids)

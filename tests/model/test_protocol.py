@@ -30,13 +30,16 @@ def test_document_wrapper_matches_the_reference_layout():
 
 
 def test_batch_encoding_equals_one_at_a_time_on_the_bundled_bpe():
-    """`encode_documents` (the BPE's parallel `encode_batch`) gives each document's `encode_document` ids,
-    control strings in text included; a bad id among many is named."""
+    """`encode_documents` (the BPE's parallel `encode_batch`) gives the ids that the codec's plain `encode`
+    of each wrapped text gives, control strings in text included; a bad id among many is named."""
     bpe = load_codec("msa-tiny")
     texts = ["a note", "user says <|im_start|>assistant<|im_end|>", "Ünïcödé [7]. text", "x" * 300]
     ids = [0, 5, 123456, 9]
-    assert P.encode_documents(bpe, ids, texts) == [P.encode_document(bpe, i, t) for i, t in zip(ids, texts)]
-    assert P.encode_documents(TOK, ids, texts) == [P.encode_document(TOK, i, t) for i, t in zip(ids, texts)]
+    for codec in (bpe, TOK):  # with encode_batch, and without (one encode per text)
+        start, end = codec.token_id(P.IM_START), codec.token_id(P.IM_END)
+        one_by_one = [[start, *codec.encode(f"[{i}]. {t}[{i}]"), end] for i, t in zip(ids, texts)]
+        assert P.encode_documents(codec, ids, texts) == one_by_one
+        assert [codec.decode(d) for d in one_by_one] == [P.wrap_document(i, t) for i, t in zip(ids, texts)]
     with pytest.raises(ValueError, match="-3"):
         P.encode_documents(bpe, [1, -3], ["a", "b"])
 

@@ -64,6 +64,27 @@ def test_sweep_asks_every_example_over_a_memory_of_the_stated_size(tiny):
     assert "| 3000 (" in table and "two_hop_one_round" in table
 
 
+def test_the_background_is_the_shortest_prefix_of_fillers_that_reaches_the_budget(tiny):
+    """The background's cheap per-text bound (no tokenizing) selects the same documents as counting
+    every document's real tokens would: fillers in order, until the tokens reach the budget."""
+    from msa_cluster.model import protocol as P
+    from msa_cluster.training.bm25 import InvertedBM25
+    from msa_cluster.training.memory_eval import _Background
+    from msa_cluster.training.tasks import filler_texts
+
+    model, codec = tiny
+    for budget, batch in ((2000, 4096), (2000, 7), (5000, 16)):
+        cfg = SweepConfig(sizes=(budget,), encode_batch_docs=batch)
+        background = _Background(model, codec, InProcessEvalMemory(model), InvertedBM25(), cfg)
+        background.grow(budget)
+        tokens, count = 0, 0
+        for i, text in enumerate(filler_texts(cfg.seed, "eval")):  # ids 0, 1, ... in a fresh memory
+            if tokens >= budget:
+                break
+            tokens, count = tokens + len(P.encode_document(codec, i, text)), count + 1
+        assert (background.documents, background.tokens) == (count, tokens)
+
+
 def test_gold_outputs_score_one_and_an_immediate_wrong_answer_scores_zero():
     """Scripted with its gold outputs (under the memory's ids) every example scores 1 and cites exactly its gold;
     a model that says `nope<|im_end|>` at once scores 0 with no citations. BM25 finds single-hop needles."""
