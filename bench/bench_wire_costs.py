@@ -6,6 +6,7 @@ is the median of interleaved repeats (`_common.interleaved`), so machine noise h
     empty              one parallel call that carries and returns nothing (the fan-out's floor)
     query put          the same call with a B=1 routing query (T=64 x Hkv 8 x D 128 float32, 256 KiB)
                        put in the object store once and passed by reference, as `fan_out` does
+    query by value     the same query passed by value (pickled into each call)
     answer 2 MiB       each actor returns 16 documents' K/V of one layer (16 x 128 KiB numpy,
                        bf16 bits), as a one-round answer at 1M tokens does
     answer 40 KiB      a small answer, under Ray's 100 KiB inline limit
@@ -13,6 +14,7 @@ is the median of interleaved repeats (`_common.interleaved`), so machine noise h
                        gets all 16 (the alternative design: K/V kept as Ray objects on the shard)
 
     python bench/bench_wire_costs.py [--actors N] [--reps R]
+    RAY_max_direct_call_object_size=4194304 python bench/bench_wire_costs.py   # Ray's inline limit at 4 MiB
 
 Prints each variant's median and its extra over the empty call last.
 """
@@ -79,6 +81,7 @@ def main() -> None:
         variants = {
             "empty": call("empty"),
             "query put": lambda: call("empty", ray.put(query))(),
+            "query by value": call("empty", query),
             "answer 2 MiB": call("answer"),
             "answer 40 KiB": call("answer_small"),
             "answer as refs": call("answer_refs", get_refs=True),
@@ -86,7 +89,8 @@ def main() -> None:
         t = interleaved(variants, args.reps)
     finally:
         ray.shutdown()
-    print(f"{args.actors} actors in parallel, query {query.nbytes // 1024} KiB, answers {DOCS} x {DOC_BYTES // 1024} KiB; median ms")
+    limit = os.environ.get("RAY_max_direct_call_object_size", "102400 (default)")
+    print(f"{args.actors} actors in parallel (Ray inline limit {limit} B), query {query.nbytes // 1024} KiB, answers {DOCS} x {DOC_BYTES // 1024} KiB; median ms")
     for name, s in t.items():
         print(f"  {name:16s} {s * 1e3:7.2f} ms  extra over empty {(s - t['empty']) * 1e3:+6.2f} ms")
 
